@@ -1,0 +1,265 @@
+//! Wires a validated [`Config`] into a running proxy: identity, upstream, listeners, background
+//! tasks; and takes it down again on a signal.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use http::{HeaderName, HeaderValue};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminState;
+use crate::config::{AddHeader, Config, HeaderSource};
+use crate::gate::Gate;
+use crate::identity::{self, rfc3339};
+use crate::proxy::{AddedHeaders, Proxy};
+use crate::server::{self, BoundAddr, ClientLimits};
+use crate::upstream::limit::Limiter;
+use crate::upstream::{self, tls, SharedUpstream, UpstreamFactory};
+
+/// A started proxy.
+pub struct Running {
+    /// Where applications connect.
+    pub listen: BoundAddr,
+    /// Where the admin endpoints are.
+    pub admin: std::net::SocketAddr,
+    /// The request service (for tests and the demo to look at).
+    pub proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts draining: stop accepting, answer new requests with 503, let those in flight finish.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for the drain to finish (or its deadline).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// Begins shutdown and waits for it.
+    pub async fn shutdown(self) {
+        self.begin_shutdown();
+        self.wait().await;
+    }
+}
+
+/// Reads the values of `--add-header` (files included).
+pub fn read_added_headers(specs: &[AddHeader]) -> anyhow::Result<Vec<(HeaderName, HeaderValue)>> {
+    specs
+        .iter()
+        .map(|h| {
+            let value = match &h.value {
+                HeaderSource::Literal(v) => v.clone(),
+                HeaderSource::File(path) => {
+                    let raw = std::fs::read_to_string(path).map_err(|e| {
+                        anyhow::anyhow!("cannot read the value of --add-header {} from {}: {e}", h.name, path.display())
+                    })?;
+                    let first = raw.lines().next().unwrap_or("").trim_end_matches('\r');
+                    HeaderValue::from_str(first).map_err(|_| {
+                        anyhow::anyhow!(
+                            "{}: the value for --add-header {} has characters not allowed in a header",
+                            path.display(),
+                            h.name
+                        )
+                    })?
+                }
+            };
+            Ok((h.name.clone(), value))
+        })
+        .collect()
+}
+
+/// Loads the identity, binds the listeners and starts serving.
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    let cfg = Arc::new(cfg);
+    let provider = tls::provider();
+    let roots = tls::trust_anchors(cfg.ca_file.as_deref())?;
+    let ident = identity::load(&cfg.identity, &provider, SystemTime::now())?;
+    log_identity(&ident);
+    let factory = UpstreamFactory::new(cfg.clone(), roots, provider);
+    let shared: SharedUpstream = Arc::new(ArcSwap::from_pointee(factory.build(Arc::new(ident))?));
+    let added: AddedHeaders =
+        Arc::new(ArcSwap::from_pointee(read_added_headers(&cfg.add_headers)?));
+
+    let listener = server::bind(&cfg.listen, cfg.listen_mode)?;
+    let listen = listener.bound()?;
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(|e| server::bind_error(&cfg.admin_listen.to_string(), "--admin-listen", e))?;
+    let admin = admin_listener.local_addr()?;
+
+    let shutdown = CancellationToken::new();
+    let proxy = Arc::new(Proxy::new(
+        shared.clone(),
+        Limiter::new(
+            cfg.max_upstream_concurrency,
+            cfg.upstream_queue_size,
+            cfg.upstream_queue_timeout,
+        ),
+        Gate::new(&cfg.listen, &cfg.allowed_hosts),
+        cfg.upstream.clone(),
+        added.clone(),
+        cfg.response_timeout,
+        shutdown.clone(),
+    ));
+    let admin_state = Arc::new(AdminState {
+        upstream: shared.clone(),
+        accepting: true.into(),
+    });
+    let background = CancellationToken::new();
+    tokio::spawn(crate::admin::serve(
+        admin_listener,
+        admin_state.clone(),
+        background.clone(),
+    ));
+    tokio::spawn(refresh_pool(
+        shared.clone(),
+        factory,
+        cfg.upstream_max_connection_age,
+        background.clone(),
+    ));
+    if cfg
+        .add_headers
+        .iter()
+        .any(|h| matches!(h.value, HeaderSource::File(_)))
+    {
+        tokio::spawn(refresh_headers(cfg.clone(), added, background.clone()));
+    }
+
+    tracing::info!(listen = %listen, admin = %admin, upstream = %cfg.upstream.authority, base_path = %cfg.upstream.base_path, "vero-proxy is serving");
+    let accept = tokio::spawn(server::accept_loop(
+        listener,
+        proxy.clone(),
+        ClientLimits::from_config(&cfg),
+        shutdown.clone(),
+    ));
+    let grace = cfg.shutdown_grace;
+    let task = tokio::spawn(async move {
+        let graceful = match accept.await {
+            Ok(g) => g,
+            Err(_) => return,
+        };
+        admin_state.accepting.store(false, Ordering::Relaxed);
+        tracing::info!(grace = ?grace, "draining: no new connections; requests in flight may finish");
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "requests still in flight after --shutdown-grace {grace:?}; closing them"
+            );
+        }
+        background.cancel();
+    });
+    Ok(Running {
+        listen,
+        admin,
+        proxy,
+        shutdown,
+        task,
+    })
+}
+
+/// Runs until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let running = start(cfg).await?;
+    wait_for_signal().await?;
+    tracing::info!("shutdown signal received");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+fn log_identity(id: &identity::Identity) {
+    let i = &id.info;
+    tracing::info!(
+        subject = %i.subject,
+        issuer = %i.issuer,
+        serial = %i.serial,
+        not_after = %rfc3339(i.not_after),
+        days_left = i.days_left(SystemTime::now()),
+        sha256 = %i.fingerprint_sha256,
+        chain = i.chain_len,
+        "client identity loaded"
+    );
+    if i.client_auth_allowed == Some(false) {
+        tracing::warn!(subject = %i.subject, "the certificate's extended key usage does not allow TLS client authentication; the upstream may refuse it");
+    }
+}
+
+/// Replaces the pool every `max_age`, through the same swap a new identity uses, so DNS changes
+/// are seen and no connection lives forever.
+async fn refresh_pool(
+    shared: SharedUpstream,
+    factory: UpstreamFactory,
+    max_age: std::time::Duration,
+    stop: CancellationToken,
+) {
+    if max_age.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(max_age) => {},
+            _ = stop.cancelled() => return,
+        }
+        let current = shared.load_full();
+        match factory.refresh(&current) {
+            Ok(next) => {
+                upstream::swap(&shared, next);
+                tracing::debug!("upstream pool replaced (--upstream-max-connection-age)");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not replace the upstream pool"),
+        }
+    }
+}
+
+/// Re-reads `--add-header NAME: @PATH` files and swaps in changed values. A file that cannot be
+/// read keeps the last good value and is reported.
+async fn refresh_headers(cfg: Arc<Config>, added: AddedHeaders, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            _ = stop.cancelled() => return,
+        }
+        match read_added_headers(&cfg.add_headers) {
+            Ok(now) => {
+                last_error = None;
+                if now != **added.load() {
+                    added.store(Arc::new(now));
+                    tracing::info!(
+                        "an --add-header value file changed; new requests carry the new value"
+                    );
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::warn!("{msg}; keeping the last value");
+                    last_error = Some(msg);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Command-line definitions. Every flag of `run` can also come from an environment variable
+//! named `VERO_PROXY_<FLAG>`, which is how container and systemd deployments configure it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The whole command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vero-proxy",
+    version,
+    about = "Plain HTTP on localhost in, mutual TLS to Vero API out.",
+    long_about = "Legacy applications send plain HTTP to vero-proxy on localhost; it re-sends every \
+                  request to the Finnish Tax Administration's Vero API over mutual TLS, presenting the \
+                  organisation's client certificate.\n\nWith no subcommand, `run` is assumed.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to do; `run` when left out.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Flags of `run`, accepted without the subcommand name too.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Forward plain HTTP from local applications to Vero API over mutual TLS (the default).
+    Run(Box<RunArgs>),
+    /// Show the proxy working against a local stand-in upstream with a throwaway test PKI.
+    Demo(DemoArgs),
+}
+
+/// Flags of `vero-proxy run`.
+#[derive(Debug, Clone, Args, Default)]
+pub struct RunArgs {
+    /// Where applications connect: HOST:PORT, or unix:/PATH for a Unix socket.
+    #[arg(long, env = "VERO_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// Permissions of a unix: listen socket, in octal.
+    #[arg(long, env = "VERO_PROXY_LISTEN_MODE", default_value = "0660")]
+    pub listen_mode: String,
+
+    /// Allow the main listener on a non-loopback address: whoever reaches it acts with the
+    /// organisation's certificate.
+    #[arg(long, env = "VERO_PROXY_ALLOW_REMOTE_CLIENTS")]
+    pub allow_remote_clients: bool,
+
+    /// Vero API base URL, or one of: test, production, sandbox.
+    #[arg(long, env = "VERO_PROXY_UPSTREAM")]
+    pub upstream: Option<String>,
+
+    /// Client certificate (PEM; the chain may follow the leaf; may also hold the key).
+    #[arg(long, env = "VERO_PROXY_CERT")]
+    pub cert: Option<PathBuf>,
+
+    /// Private key of the client certificate (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "VERO_PROXY_KEY")]
+    pub key: Option<PathBuf>,
+
+    /// Extra trust anchors (PEM) for the upstream's server certificate, added to the system's.
+    #[arg(long, env = "VERO_PROXY_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Admin listener for /healthz and /readyz.
+    #[arg(
+        long,
+        env = "VERO_PROXY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9901"
+    )]
+    pub admin_listen: String,
+
+    /// Host names, besides localhost and the loopback addresses, that requests may name in Host.
+    #[arg(
+        long = "allowed-host",
+        env = "VERO_PROXY_ALLOWED_HOST",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
+    /// 'NAME: VALUE' or 'NAME: @PATH' (value read from the file): set on every forwarded request.
+    #[arg(long = "add-header", env = "VERO_PROXY_ADD_HEADER")]
+    pub add_headers: Vec<String>,
+
+    /// HTTP version towards the upstream.
+    #[arg(long, env = "VERO_PROXY_UPSTREAM_PROTOCOL", value_enum, default_value_t = UpstreamProtocol::Auto)]
+    pub upstream_protocol: UpstreamProtocol,
+
+    /// Most requests in flight to the upstream at once (Vero recommends at most 50-125).
+    #[arg(
+        long,
+        env = "VERO_PROXY_MAX_UPSTREAM_CONCURRENCY",
+        default_value_t = 50
+    )]
+    pub max_upstream_concurrency: usize,
+
+    /// Most requests waiting for a place under the concurrency cap.
+    #[arg(long, env = "VERO_PROXY_UPSTREAM_QUEUE_SIZE", default_value_t = 1000)]
+    pub upstream_queue_size: usize,
+
+    /// How long a request may wait for a place before it gets 503 upstream_busy.
+    #[arg(long, env = "VERO_PROXY_UPSTREAM_QUEUE_TIMEOUT", default_value = "30s")]
+    pub upstream_queue_timeout: String,
+
+    /// Time allowed for the TCP connect and TLS handshake to the upstream.
+    #[arg(long, env = "VERO_PROXY_CONNECT_TIMEOUT", default_value = "10s")]
+    pub connect_timeout: String,
+
+    /// Time allowed for the upstream's response headers.
+    #[arg(long, env = "VERO_PROXY_RESPONSE_TIMEOUT", default_value = "60s")]
+    pub response_timeout: String,
+
+    /// Idle upstream connections are closed after this long.
+    #[arg(long, env = "VERO_PROXY_UPSTREAM_IDLE_TIMEOUT", default_value = "60s")]
+    pub upstream_idle_timeout: String,
+
+    /// The upstream pool is replaced by a fresh one this often, so DNS changes are seen.
+    #[arg(
+        long,
+        env = "VERO_PROXY_UPSTREAM_MAX_CONNECTION_AGE",
+        default_value = "5m"
+    )]
+    pub upstream_max_connection_age: String,
+
+    /// Request headers must arrive within this time.
+    #[arg(long, env = "VERO_PROXY_CLIENT_HEADER_TIMEOUT", default_value = "30s")]
+    pub client_header_timeout: String,
+
+    /// Largest request head accepted from applications, in bytes.
+    #[arg(
+        long,
+        env = "VERO_PROXY_MAX_REQUEST_HEADER_BYTES",
+        default_value_t = 65536
+    )]
+    pub max_request_header_bytes: usize,
+
+    /// Most application connections served at once; more wait in the listen backlog.
+    #[arg(
+        long,
+        env = "VERO_PROXY_MAX_CLIENT_CONNECTIONS",
+        default_value_t = 4096
+    )]
+    pub max_client_connections: usize,
+
+    /// On SIGTERM or SIGINT, how long requests in flight may take to finish.
+    #[arg(long, env = "VERO_PROXY_SHUTDOWN_GRACE", default_value = "30s")]
+    pub shutdown_grace: String,
+
+    /// Log format.
+    #[arg(long, env = "VERO_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Flags of `vero-proxy demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Where the demo proxy listens; a free port is picked when this one is taken.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// Where the demo's admin listener listens; a free port is picked when this one is taken.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin_listen: String,
+}
+
+/// HTTP version spoken to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum UpstreamProtocol {
+    /// Offer h2 and http/1.1 in ALPN and use what the server picks.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 only.
+    Http2,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}

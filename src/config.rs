@@ -1,0 +1,476 @@
+//! Flags and environment -> one validated [`Config`]. Pure functions: nothing here opens a file
+//! or a socket, so every rule is unit-tested.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::uri::{Authority, Uri};
+use http::{HeaderName, HeaderValue};
+
+use crate::cli::{LogFormat, RunArgs, UpstreamProtocol};
+
+/// Where a listener listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The upstream every request goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    /// Host name or IP literal, without brackets; used for DNS and SNI.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// `host[:port]` as the upstream expects it in `Host` / `:authority`.
+    pub authority: Authority,
+    /// Path prefix put before every forwarded path; empty or starting with `/`, never ending in one.
+    pub base_path: String,
+}
+
+/// A header the proxy sets on every forwarded request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddHeader {
+    /// Header name.
+    pub name: HeaderName,
+    /// Its value, or the file that holds it.
+    pub value: HeaderSource,
+}
+
+/// Where an added header's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderSource {
+    /// Given on the command line.
+    Literal(HeaderValue),
+    /// Read from a file (first line, trailing newline trimmed), re-read when it changes.
+    File(PathBuf),
+}
+
+/// The identity files named on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityFiles {
+    /// Certificate PEM (chain after the leaf allowed; may hold the key too).
+    pub cert: PathBuf,
+    /// Key PEM; `None` when the key is in the certificate file.
+    pub key: Option<PathBuf>,
+}
+
+/// Everything `run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Main listener.
+    pub listen: ListenAddr,
+    /// Mode of a Unix listen socket.
+    pub listen_mode: u32,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Upstream target.
+    pub upstream: UpstreamTarget,
+    /// Client identity files.
+    pub identity: IdentityFiles,
+    /// Extra trust anchors.
+    pub ca_file: Option<PathBuf>,
+    /// Host names (lower case, no port) that requests may carry in `Host` or `Origin`.
+    pub allowed_hosts: Vec<String>,
+    /// Headers set on every forwarded request.
+    pub add_headers: Vec<AddHeader>,
+    /// HTTP version towards the upstream.
+    pub upstream_protocol: UpstreamProtocol,
+    /// Concurrency cap towards the upstream (also the cap on upstream connections).
+    pub max_upstream_concurrency: usize,
+    /// Requests allowed to wait for a place.
+    pub upstream_queue_size: usize,
+    /// Longest wait for a place.
+    pub upstream_queue_timeout: Duration,
+    /// TCP connect + TLS handshake limit.
+    pub connect_timeout: Duration,
+    /// Time to response headers.
+    pub response_timeout: Duration,
+    /// Idle upstream connections close after this.
+    pub upstream_idle_timeout: Duration,
+    /// Pool replaced this often.
+    pub upstream_max_connection_age: Duration,
+    /// Request head deadline.
+    pub client_header_timeout: Duration,
+    /// Request head size limit.
+    pub max_request_header_bytes: usize,
+    /// Client connection limit.
+    pub max_client_connections: usize,
+    /// Drain deadline at shutdown.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// A flag or variable with a value that cannot be used; the message says what to fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl Config {
+    /// Validates `run`'s flags into a config.
+    pub fn from_args(args: &RunArgs) -> Result<Config, ConfigError> {
+        let listen = parse_listen(&args.listen, "--listen")?;
+        if let ListenAddr::Tcp(addr) = &listen {
+            if !addr.ip().is_loopback() && !args.allow_remote_clients {
+                return Err(bad(format!(
+                    "--listen {addr} is not a loopback address: whoever reaches it acts with the \
+                     organisation's certificate. Listen on 127.0.0.1 or a unix: socket, or pass \
+                     --allow-remote-clients if the network in front of it is locked down."
+                )));
+            }
+        }
+        let admin_listen = match parse_listen(&args.admin_listen, "--admin-listen")? {
+            ListenAddr::Tcp(a) => a,
+            ListenAddr::Unix(_) => {
+                return Err(bad("--admin-listen takes HOST:PORT, not a unix: path"))
+            }
+        };
+        if !admin_listen.ip().is_loopback() {
+            return Err(bad(format!(
+                "--admin-listen {admin_listen} is not a loopback address; the admin listener \
+                 serves only loopback for now"
+            )));
+        }
+        let upstream = parse_upstream(args.upstream.as_deref().ok_or_else(|| {
+            bad(
+                "--upstream is required: a Vero API base URL such as https://apitest.vero.fi, \
+                 or one of: test, production, sandbox (also VERO_PROXY_UPSTREAM)",
+            )
+        })?)?;
+        let cert = args.cert.clone().ok_or_else(|| {
+            bad("--cert is required: the organisation's client certificate as PEM (also VERO_PROXY_CERT)")
+        })?;
+        let mut allowed_hosts = Vec::new();
+        for h in &args.allowed_hosts {
+            let h = h.trim().trim_end_matches('.').to_ascii_lowercase();
+            if h.is_empty() || h.contains(['/', ' ', '@']) {
+                return Err(bad(format!("--allowed-host {h:?} is not a host name")));
+            }
+            allowed_hosts.push(h);
+        }
+        let add_headers = args
+            .add_headers
+            .iter()
+            .map(|h| parse_add_header(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let positive = |v: usize, flag: &str| {
+            if v == 0 {
+                Err(bad(format!("{flag} must be at least 1")))
+            } else {
+                Ok(v)
+            }
+        };
+        Ok(Config {
+            listen,
+            listen_mode: parse_mode(&args.listen_mode)?,
+            admin_listen,
+            upstream,
+            identity: IdentityFiles {
+                cert,
+                key: args.key.clone(),
+            },
+            ca_file: args.ca_file.clone(),
+            allowed_hosts,
+            add_headers,
+            upstream_protocol: args.upstream_protocol,
+            max_upstream_concurrency: positive(
+                args.max_upstream_concurrency,
+                "--max-upstream-concurrency",
+            )?,
+            upstream_queue_size: args.upstream_queue_size,
+            upstream_queue_timeout: parse_duration(
+                &args.upstream_queue_timeout,
+                "--upstream-queue-timeout",
+            )?,
+            connect_timeout: parse_duration(&args.connect_timeout, "--connect-timeout")?,
+            response_timeout: parse_duration(&args.response_timeout, "--response-timeout")?,
+            upstream_idle_timeout: parse_duration(
+                &args.upstream_idle_timeout,
+                "--upstream-idle-timeout",
+            )?,
+            upstream_max_connection_age: parse_duration(
+                &args.upstream_max_connection_age,
+                "--upstream-max-connection-age",
+            )?,
+            client_header_timeout: parse_duration(
+                &args.client_header_timeout,
+                "--client-header-timeout",
+            )?,
+            max_request_header_bytes: args.max_request_header_bytes.max(8192),
+            max_client_connections: positive(
+                args.max_client_connections,
+                "--max-client-connections",
+            )?,
+            shutdown_grace: parse_duration(&args.shutdown_grace, "--shutdown-grace")?,
+            log_format: args.log_format,
+        })
+    }
+}
+
+/// Parses `HOST:PORT` or `unix:/PATH`.
+pub fn parse_listen(s: &str, flag: &str) -> Result<ListenAddr, ConfigError> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad(format!(
+                "{flag} unix: needs a path, as in unix:/run/vero-proxy.sock"
+            )));
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    if let Some(port) = s.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad(format!("{flag} {s:?}: {port:?} is not a port number")))?;
+        return Ok(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+    }
+    s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+        bad(format!(
+            "{flag} {s:?} is not an address: use IP:PORT (127.0.0.1:8080, [::1]:8080) or unix:/PATH"
+        ))
+    })
+}
+
+fn parse_mode(s: &str) -> Result<u32, ConfigError> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            bad(format!(
+                "--listen-mode {s:?} is not an octal file mode such as 0660"
+            ))
+        })
+}
+
+/// Parses `30s`, `500ms`, `5m`, or a bare number of seconds.
+pub fn parse_duration(s: &str, flag: &str) -> Result<Duration, ConfigError> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        bad(format!(
+            "{flag} {s:?} is not a duration ({e}); write it as 30s, 500ms or 5m"
+        ))
+    })
+}
+
+/// Resolves `test` / `production` / `sandbox` or an `https://` URL into the upstream target.
+pub fn parse_upstream(s: &str) -> Result<UpstreamTarget, ConfigError> {
+    let url = match s {
+        "test" => "https://apitest.vero.fi",
+        "production" | "prod" => "https://api.vero.fi",
+        "sandbox" => "https://api-sandbox.vero.fi",
+        other => other,
+    };
+    let uri: Uri = url.parse().map_err(|e| {
+        bad(format!(
+            "--upstream {s:?} is not a URL ({e}); write it as https://api.vero.fi"
+        ))
+    })?;
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some(other) => {
+            return Err(bad(format!(
+                "--upstream {s:?} uses {other}://; Vero API is reached over https:// only"
+            )))
+        }
+        None => {
+            return Err(bad(format!(
+                "--upstream {s:?} has no scheme; write it as https://{s} or use test, production or sandbox"
+            )))
+        }
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| bad(format!("--upstream {s:?} has no host")))?;
+    if authority.as_str().contains('@') {
+        return Err(bad(format!(
+            "--upstream {s:?}: credentials in the URL are not supported"
+        )));
+    }
+    if uri.query().is_some() {
+        return Err(bad(format!(
+            "--upstream {s:?}: a query string is not allowed in the base URL"
+        )));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = authority.port_u16().unwrap_or(443);
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Ok(UpstreamTarget {
+        host,
+        port,
+        authority,
+        base_path,
+    })
+}
+
+/// Parses `NAME: VALUE` or `NAME: @PATH`.
+pub fn parse_add_header(s: &str) -> Result<AddHeader, ConfigError> {
+    let (name, value) = s.split_once(':').ok_or_else(|| {
+        bad("--add-header takes 'NAME: VALUE' or 'NAME: @PATH' (the value is not shown here)")
+    })?;
+    let name_str = name.trim();
+    let name = HeaderName::from_bytes(name_str.as_bytes()).map_err(|_| {
+        bad(format!(
+            "--add-header: {name_str:?} is not a valid header name"
+        ))
+    })?;
+    if crate::proxy::is_hop_by_hop(&name) || name == http::header::HOST {
+        return Err(bad(format!(
+            "--add-header: {name} is managed by the proxy and cannot be set"
+        )));
+    }
+    let value = value.trim();
+    let value = match value.strip_prefix('@') {
+        Some(path) if !path.is_empty() => HeaderSource::File(PathBuf::from(path)),
+        Some(_) => {
+            return Err(bad(format!(
+                "--add-header {name}: '@' must be followed by a file path"
+            )))
+        }
+        None => HeaderSource::Literal(HeaderValue::from_str(value).map_err(|_| {
+            bad(format!(
+                "--add-header {name}: the value has characters not allowed in a header"
+            ))
+        })?),
+    };
+    Ok(AddHeader { name, value })
+}
+
+/// Whether an IP is loopback (127.0.0.0/8, ::1, or IPv4-mapped loopback).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        use clap::Parser;
+        let mut v = vec!["vero-proxy", "--upstream", "test", "--cert", "c.pem"];
+        v.extend_from_slice(extra);
+        crate::cli::Cli::try_parse_from(v).unwrap().run
+    }
+
+    #[test]
+    fn shortcuts_resolve_to_vero_hosts() {
+        assert_eq!(parse_upstream("test").unwrap().host, "apitest.vero.fi");
+        assert_eq!(parse_upstream("production").unwrap().host, "api.vero.fi");
+        assert_eq!(
+            parse_upstream("sandbox").unwrap().host,
+            "api-sandbox.vero.fi"
+        );
+    }
+
+    #[test]
+    fn base_path_and_port_are_kept() {
+        let t = parse_upstream("https://example.test:8443/base/").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.base_path.as_str()),
+            ("example.test", 8443, "/base")
+        );
+        assert_eq!(t.authority.as_str(), "example.test:8443");
+        let t = parse_upstream("https://[::1]:9443").unwrap();
+        assert_eq!(t.host, "::1");
+    }
+
+    #[test]
+    fn plain_http_upstream_is_refused() {
+        let e = parse_upstream("http://api.vero.fi").unwrap_err();
+        assert!(e.0.contains("https://"), "{e}");
+        assert!(parse_upstream("api.vero.fi").is_err());
+    }
+
+    #[test]
+    fn remote_listen_needs_the_flag() {
+        let e = Config::from_args(&args(&["--listen", "0.0.0.0:8080"])).unwrap_err();
+        assert!(e.0.contains("--allow-remote-clients"), "{e}");
+        assert!(Config::from_args(&args(&[
+            "--listen",
+            "0.0.0.0:8080",
+            "--allow-remote-clients"
+        ]))
+        .is_ok());
+        assert!(Config::from_args(&args(&["--listen", "[::1]:8080"])).is_ok());
+    }
+
+    #[test]
+    fn unix_listen_and_mode() {
+        let c = Config::from_args(&args(&[
+            "--listen",
+            "unix:/tmp/x.sock",
+            "--listen-mode",
+            "0600",
+        ]))
+        .unwrap();
+        assert_eq!(c.listen, ListenAddr::Unix("/tmp/x.sock".into()));
+        assert_eq!(c.listen_mode, 0o600);
+        assert!(Config::from_args(&args(&["--listen-mode", "999"])).is_err());
+    }
+
+    #[test]
+    fn durations_accept_units_and_bare_seconds() {
+        assert_eq!(parse_duration("30s", "x").unwrap(), Duration::from_secs(30));
+        assert_eq!(
+            parse_duration("250ms", "x").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(parse_duration("7", "x").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("soon", "--x").unwrap_err().0.contains("--x"));
+    }
+
+    #[test]
+    fn add_header_forms() {
+        let h = parse_add_header("Vero-SoftwareKey: abc").unwrap();
+        assert_eq!(
+            h.value,
+            HeaderSource::Literal(HeaderValue::from_static("abc"))
+        );
+        let h = parse_add_header("Vero-SoftwareKey: @/run/key").unwrap();
+        assert_eq!(h.value, HeaderSource::File("/run/key".into()));
+        assert!(parse_add_header("novalue").is_err());
+        assert!(parse_add_header("Connection: close").is_err());
+        assert!(parse_add_header("Bad Name: x").is_err());
+    }
+
+    #[test]
+    fn missing_upstream_and_cert_are_named() {
+        use clap::Parser;
+        let a = crate::cli::Cli::try_parse_from(["vero-proxy"]).unwrap().run;
+        assert!(Config::from_args(&a).unwrap_err().0.contains("--upstream"));
+        let a = crate::cli::Cli::try_parse_from(["vero-proxy", "--upstream", "test"])
+            .unwrap()
+            .run;
+        assert!(Config::from_args(&a).unwrap_err().0.contains("--cert"));
+    }
+}

@@ -1,0 +1,229 @@
+//! Which requests may pass: not an open proxy, and not a door for web pages. Loopback is not
+//! authentication: a page in a browser on the same machine can reach 127.0.0.1 (cross-site form
+//! posts, DNS rebinding), and everything that passes is signed with the organisation's certificate.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use http::uri::Authority;
+use http::{header, Request};
+
+use crate::config::{ListenAddr, UpstreamTarget};
+use crate::error::ProxyError;
+
+/// The names requests may carry in `Host` and `Origin`.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    names: HashSet<String>,
+    listen_ip: Option<IpAddr>,
+}
+
+/// The host part of an authority, lower case, without brackets, port or trailing dot.
+fn host_of(authority: &Authority) -> String {
+    authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
+impl Gate {
+    /// A gate that admits localhost, every loopback address, the listen address and `extra`.
+    pub fn new(listen: &ListenAddr, extra: &[String]) -> Self {
+        let mut names: HashSet<String> = extra.iter().cloned().collect();
+        names.insert("localhost".into());
+        let listen_ip = match listen {
+            ListenAddr::Tcp(a) => Some(a.ip()),
+            ListenAddr::Unix(_) => None,
+        };
+        Gate { names, listen_ip }
+    }
+
+    /// Whether `host` (no port) is a name the proxy answers to.
+    pub fn allows_host(&self, host: &str) -> bool {
+        if self.names.contains(host) || host.ends_with(".localhost") {
+            return true;
+        }
+        match host.parse::<IpAddr>() {
+            Ok(ip) => crate::config::is_loopback(ip) || Some(ip) == self.listen_ip,
+            Err(_) => false,
+        }
+    }
+
+    /// Refuses CONNECT-like misuse, foreign authorities, unknown Host names and cross-site requests.
+    pub fn check<B>(&self, req: &Request<B>, target: &UpstreamTarget) -> Result<(), ProxyError> {
+        // Absolute-form (or an HTTP/2 :authority): it must name us or the upstream.
+        let mut host_checked = false;
+        if let Some(auth) = req.uri().authority() {
+            let host = host_of(auth);
+            let upstream = host == target.host.to_ascii_lowercase()
+                && auth.port_u16().is_none_or(|p| p == target.port || p == 80);
+            if req.version() != http::Version::HTTP_2 && !upstream && !self.allows_host(&host) {
+                return Err(ProxyError::ForeignAuthority {
+                    requested: auth.to_string(),
+                    upstream: target.authority.to_string(),
+                });
+            }
+            if upstream {
+                host_checked = true;
+            } else if !self.allows_host(&host) {
+                return Err(ProxyError::ForbiddenHost(auth.to_string()));
+            }
+        }
+        if !host_checked {
+            if let Some(h) = req.headers().get(header::HOST) {
+                let raw = h.to_str().unwrap_or("");
+                let ok = raw
+                    .parse::<Authority>()
+                    .map(|a| self.allows_host(&host_of(&a)))
+                    .unwrap_or(false);
+                if !ok {
+                    return Err(ProxyError::ForbiddenHost(raw.to_owned()));
+                }
+            }
+        }
+        if let Some(site) = req.headers().get("sec-fetch-site") {
+            if site.as_bytes().eq_ignore_ascii_case(b"cross-site") {
+                return Err(ProxyError::CrossSiteRequest(
+                    "a web browser sent this request from another site (Sec-Fetch-Site: cross-site); \
+                     vero-proxy serves local applications, not web pages"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let raw = origin.to_str().unwrap_or("");
+            let allowed = raw
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.authority().map(host_of))
+                .is_some_and(|h| self.allows_host(&h));
+            if !allowed {
+                return Err(ProxyError::CrossSiteRequest(format!(
+                    "a web page from origin {raw:?} sent this request; vero-proxy serves local \
+                     applications, not web pages (add the name with --allowed-host if it is yours)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn target() -> UpstreamTarget {
+        crate::config::parse_upstream("test").unwrap()
+    }
+
+    fn gate() -> Gate {
+        Gate::new(
+            &ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap()),
+            &["proxy.internal".into()],
+        )
+    }
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn code(r: Result<(), ProxyError>) -> &'static str {
+        r.err().map(|e| e.code()).unwrap_or("ok")
+    }
+
+    #[test]
+    fn loopback_names_pass() {
+        let g = gate();
+        for h in [
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "127.1.2.3",
+            "[::1]:8080",
+            "LOCALHOST",
+            "proxy.internal",
+        ] {
+            assert_eq!(
+                code(g.check(&req("/x", &[("host", h)]), &target())),
+                "ok",
+                "{h}"
+            );
+        }
+        assert_eq!(
+            code(g.check(&req("/x", &[]), &target())),
+            "ok",
+            "HTTP/1.0 without Host"
+        );
+    }
+
+    #[test]
+    fn rebinding_names_are_refused() {
+        let g = gate();
+        for h in [
+            "evil.example:8080",
+            "attacker.localhost.evil",
+            "10.0.0.1:8080",
+        ] {
+            assert_eq!(
+                code(g.check(&req("/x", &[("host", h)]), &target())),
+                "forbidden_host",
+                "{h}"
+            );
+        }
+    }
+
+    #[test]
+    fn absolute_form_must_name_the_upstream_or_us() {
+        let g = gate();
+        assert_eq!(
+            code(g.check(&req("http://example.com/x", &[]), &target())),
+            "foreign_authority"
+        );
+        assert_eq!(
+            code(g.check(
+                &req("http://apitest.vero.fi/x", &[("host", "apitest.vero.fi")]),
+                &target()
+            )),
+            "ok"
+        );
+        assert_eq!(
+            code(g.check(&req("http://localhost:8080/x", &[]), &target())),
+            "ok"
+        );
+    }
+
+    #[test]
+    fn browsers_from_other_sites_are_refused() {
+        let g = gate();
+        let h = [("host", "localhost:8080"), ("sec-fetch-site", "cross-site")];
+        assert_eq!(
+            code(g.check(&req("/x", &h), &target())),
+            "cross_site_request"
+        );
+        let h = [
+            ("host", "localhost:8080"),
+            ("origin", "https://evil.example"),
+        ];
+        assert_eq!(
+            code(g.check(&req("/x", &h), &target())),
+            "cross_site_request"
+        );
+        let h = [("host", "localhost:8080"), ("origin", "null")];
+        assert_eq!(
+            code(g.check(&req("/x", &h), &target())),
+            "cross_site_request"
+        );
+        let h = [
+            ("host", "localhost:8080"),
+            ("origin", "http://localhost:3000"),
+            ("sec-fetch-site", "same-site"),
+        ];
+        assert_eq!(code(g.check(&req("/x", &h), &target())), "ok");
+    }
+}

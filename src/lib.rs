@@ -1,0 +1,17 @@
+//! vero-proxy: plain HTTP from local applications in, mutual TLS to Vero API out.
+//!
+//! The request path, in order: [`server`] accepts, [`proxy`] checks and rewrites, [`upstream`]
+//! holds the identity's TLS config and connection pool, [`error`] turns failures into answers.
+
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod gate;
+pub mod identity;
+pub mod proxy;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,281 @@
+//! The request service: refuse what must not pass, rewrite URI and headers, forward under the
+//! concurrency cap, and turn every failure into the proxy's JSON answer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{ProxyBody, UpstreamBody};
+use crate::config::UpstreamTarget;
+use crate::error::{find_tls_error, ProxyError};
+use crate::gate::Gate;
+use crate::identity::rfc3339;
+use crate::upstream::limit::Limiter;
+use crate::upstream::pool::SendError;
+use crate::upstream::{tls, SharedUpstream, Upstream};
+
+/// Headers set on every forwarded request (`--add-header`), swapped when a value file changes.
+pub type AddedHeaders = Arc<ArcSwap<Vec<(HeaderName, HeaderValue)>>>;
+
+/// The forwarding service shared by every client connection.
+pub struct Proxy {
+    /// The identity and pool in service.
+    pub upstream: SharedUpstream,
+    /// Concurrency cap towards the upstream.
+    pub limiter: Limiter,
+    /// Which requests may pass.
+    pub gate: Gate,
+    /// Where requests go.
+    pub target: UpstreamTarget,
+    /// Headers the proxy adds.
+    pub added_headers: AddedHeaders,
+    /// Time allowed for response headers.
+    pub response_timeout: Duration,
+    /// Cancelled when the proxy starts draining.
+    pub shutdown: CancellationToken,
+    ids: RequestIds,
+}
+
+struct RequestIds {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn next(&self) -> String {
+        format!(
+            "{:08x}-{:x}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// Whether a header is hop-by-hop (RFC 9110 section 7.6.1) and never forwarded as is.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(n);
+    }
+}
+
+impl Proxy {
+    /// A proxy in front of `upstream`.
+    pub fn new(
+        upstream: SharedUpstream,
+        limiter: Limiter,
+        gate: Gate,
+        target: UpstreamTarget,
+        added_headers: AddedHeaders,
+        response_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let mut seed = [0u8; 4];
+        // An id prefix that differs between restarts; a fixed one is still unique per process.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+        let ids = RequestIds {
+            prefix: u32::from_be_bytes(seed),
+            next: AtomicU64::new(1),
+        };
+        Proxy {
+            upstream,
+            limiter,
+            gate,
+            target,
+            added_headers,
+            response_timeout,
+            shutdown,
+            ids,
+        }
+    }
+
+    /// Serves one request from an application.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let id = self.ids.next();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let (resp, outcome) = match self.forward(req).await {
+            Ok(resp) => (resp, None),
+            Err(e) => {
+                let r = e.to_response(&id).map(ProxyBody::full);
+                (r, Some(e))
+            }
+        };
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        // Never the query string: it can carry personal identity codes.
+        match &outcome {
+            None => {
+                tracing::info!(target: "access", request_id = %id, %method, %path, status = resp.status().as_u16(), ms = format_args!("{ms:.1}"))
+            }
+            Some(e) => {
+                tracing::warn!(target: "access", request_id = %id, %method, %path, status = resp.status().as_u16(), error = e.code(), ms = format_args!("{ms:.1}"), "{e}")
+            }
+        }
+        resp
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ProxyError::ShuttingDown);
+        }
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectNotSupported);
+        }
+        self.gate.check(&req, &self.target)?;
+
+        let upstream: Arc<Upstream> = self.upstream.load_full();
+        let now = crate::identity::unix(SystemTime::now());
+        if now > upstream.identity.info.not_after {
+            return Err(ProxyError::ClientCertificateExpired(format!(
+                "the client certificate in service ({}) expired on {}; install a renewed certificate",
+                upstream.identity.info.subject,
+                rfc3339(upstream.identity.info.not_after)
+            )));
+        }
+
+        let req = self.rewrite(req);
+        let permit = self.limiter.acquire().await?;
+        let conn = upstream.pool.checkout().await?;
+        let reused = conn.reused;
+        let who = || {
+            format!(
+                "subject {}, serial {}",
+                upstream.identity.info.subject, upstream.identity.info.serial
+            )
+        };
+        let sent = tokio::time::timeout(self.response_timeout, async {
+            match conn.send(req, &self.target.authority).await {
+                // A pooled connection the server had already closed: nothing was sent, so one
+                // retry on a fresh connection cannot duplicate anything.
+                Err(SendError { request: Some(req), error }) if reused => {
+                    tracing::debug!(error = %error, "pooled connection was closed; retrying on a new one");
+                    let fresh = upstream.pool.connect().await?;
+                    fresh.send(req, &self.target.authority).await.map_err(|e| self.classify(e.error, &who()))
+                }
+                Err(e) => Err(self.classify(e.error, &who())),
+                Ok(ok) => Ok(ok),
+            }
+        })
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout(self.response_timeout))??;
+
+        let (resp, conn_return) = sent;
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        let body = UpstreamBody::new(body, permit, conn_return);
+        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+    }
+
+    /// The request as it goes upstream: base path + path and query byte for byte, hop-by-hop
+    /// headers removed, `Via` added, configured headers set.
+    fn rewrite(&self, req: Request<Incoming>) -> Request<Incoming> {
+        let (mut parts, body) = req.into_parts();
+        let wants_trailers = parts
+            .headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        // hyper's server already answered the application's Expect: 100-continue.
+        parts.headers.remove(header::EXPECT);
+        if wants_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        let via = match parts.headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+            Some(prev) => HeaderValue::from_str(&format!("{prev}, 1.1 vero-proxy"))
+                .unwrap_or(HeaderValue::from_static("1.1 vero-proxy")),
+            None => HeaderValue::from_static("1.1 vero-proxy"),
+        };
+        parts.headers.insert(header::VIA, via);
+        for (name, value) in self.added_headers.load().iter() {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let pq = if pq.starts_with('/') {
+            pq.to_owned()
+        } else {
+            format!("/{pq}")
+        };
+        let full = format!("{}{}", self.target.base_path, pq);
+        // Both parts come from URIs that already parsed, so their join parses too.
+        if let Ok(uri) = full.parse() {
+            parts.uri = uri;
+        }
+        Request::from_parts(parts, body)
+    }
+
+    fn classify(&self, err: hyper::Error, who: &str) -> ProxyError {
+        let target = format!("{}:{}", self.target.host, self.target.port);
+        if let Some(tls_err) = find_tls_error(&err) {
+            return match tls_err {
+                rustls::Error::AlertReceived(alert) => {
+                    tls::client_cert_rejected(alert, &target, who)
+                }
+                rustls::Error::InvalidCertificate(c) => ProxyError::UpstreamCertificateUntrusted(
+                    format!("{} ({target})", crate::error::describe_untrusted(c)),
+                ),
+                other => {
+                    ProxyError::UpstreamUnreachable(format!("TLS with {target} failed: {other}"))
+                }
+            };
+        }
+        if err.is_incomplete_message() || err.is_canceled() {
+            return ProxyError::UpstreamUnreachable(format!(
+                "{target} closed the connection before answering"
+            ));
+        }
+        ProxyError::UpstreamUnreachable(format!("exchange with {target} failed: {err}"))
+    }
+}

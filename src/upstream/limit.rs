@@ -1,0 +1,74 @@
+//! The cap on concurrent upstream requests, with a bounded, time-limited queue in front of it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ProxyError;
+
+/// At most `cap` requests in flight upstream; up to `queue_size` more wait, each at most
+/// `queue_timeout`. The semaphore is fair, so waiters are served in arrival order.
+pub struct Limiter {
+    sem: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    queue_size: usize,
+    queue_timeout: Duration,
+    cap: usize,
+}
+
+/// Decrements the waiting count however the wait ends (granted, timed out, or cancelled).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Limiter {
+    /// A limiter for `cap` concurrent requests.
+    pub fn new(cap: usize, queue_size: usize, queue_timeout: Duration) -> Self {
+        Limiter {
+            sem: Arc::new(Semaphore::new(cap)),
+            waiting: AtomicUsize::new(0),
+            queue_size,
+            queue_timeout,
+            cap,
+        }
+    }
+
+    /// A place under the cap, held until the response body has ended.
+    pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
+        if let Ok(p) = self.sem.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.queue_size {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(ProxyError::UpstreamBusy(format!(
+                "{} requests are already waiting for one of the {} upstream places (--upstream-queue-size); retry shortly",
+                self.queue_size, self.cap
+            )));
+        }
+        let _w = Waiting(&self.waiting);
+        match tokio::time::timeout(self.queue_timeout, self.sem.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(ProxyError::ShuttingDown),
+            Err(_) => Err(ProxyError::UpstreamBusy(format!(
+                "all {} upstream places stayed busy for {:?} (--upstream-queue-timeout); retry shortly",
+                self.cap, self.queue_timeout
+            ))),
+        }
+    }
+
+    /// Requests in flight upstream now.
+    pub fn in_flight(&self) -> usize {
+        self.cap - self.sem.available_permits()
+    }
+
+    /// Requests waiting now.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}

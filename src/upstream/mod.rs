@@ -1,0 +1,103 @@
+//! Identity -> rustls `ClientConfig` -> bounded connection pool: one immutable [`Upstream`] per
+//! identity, swapped whole when the identity or the pool is replaced.
+
+pub mod limit;
+pub mod pool;
+pub mod tls;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::RootCertStore;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::identity::Identity;
+use pool::{Pool, PoolSettings};
+
+/// One identity's way to the upstream. Requests take an `Arc` of it at their start and keep it to
+/// their end, so a swap never changes a request halfway.
+pub struct Upstream {
+    /// The identity presented.
+    pub identity: Arc<Identity>,
+    /// TLS client config for that identity (its own session cache).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Connections made with that config.
+    pub pool: Pool,
+}
+
+/// What every new `Upstream` is built from, besides the identity.
+#[derive(Clone)]
+pub struct UpstreamFactory {
+    cfg: Arc<Config>,
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    conn_limit: Arc<Semaphore>,
+}
+
+impl UpstreamFactory {
+    /// A factory sharing one connection cap across every pool it makes.
+    pub fn new(cfg: Arc<Config>, roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>) -> Self {
+        let conn_limit = Arc::new(Semaphore::new(cfg.max_upstream_concurrency));
+        UpstreamFactory {
+            cfg,
+            roots,
+            provider,
+            conn_limit,
+        }
+    }
+
+    /// A new `Upstream` with a new TLS config and an empty pool.
+    pub fn build(&self, identity: Arc<Identity>) -> Result<Upstream, ProxyError> {
+        let tls = tls::client_config(
+            &identity,
+            self.roots.clone(),
+            self.cfg.upstream_protocol,
+            self.provider.clone(),
+        )
+        .map_err(|e| ProxyError::UpstreamUnreachable(format!("TLS configuration failed: {e}")))?;
+        self.with_tls(identity, tls)
+    }
+
+    /// A new `Upstream` for the same identity and TLS config, with a fresh pool (so DNS is
+    /// looked up again and old connections retire).
+    pub fn refresh(&self, current: &Upstream) -> Result<Upstream, ProxyError> {
+        self.with_tls(current.identity.clone(), current.tls.clone())
+    }
+
+    fn with_tls(
+        &self,
+        identity: Arc<Identity>,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Upstream, ProxyError> {
+        let who = format!(
+            "subject {}, serial {}",
+            identity.info.subject, identity.info.serial
+        );
+        let pool = Pool::new(PoolSettings {
+            target: self.cfg.upstream.clone(),
+            tls: tls.clone(),
+            protocol: self.cfg.upstream_protocol,
+            conn_limit: self.conn_limit.clone(),
+            connect_timeout: self.cfg.connect_timeout,
+            idle_timeout: self.cfg.upstream_idle_timeout,
+            who,
+        })?;
+        Ok(Upstream {
+            identity,
+            tls,
+            pool,
+        })
+    }
+}
+
+/// The `Upstream` in service, swapped atomically.
+pub type SharedUpstream = Arc<ArcSwap<Upstream>>;
+
+/// Puts `next` in service and retires the pool it replaces.
+pub fn swap(shared: &SharedUpstream, next: Upstream) {
+    let old = shared.swap(Arc::new(next));
+    old.pool.retire();
+}

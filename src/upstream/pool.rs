@@ -1,0 +1,446 @@
+//! A small, bounded pool of upstream connections.
+//!
+//! Why not hyper-util's legacy client: its pool has no cap on connections, and while handshakes
+//! are slow it keeps opening more (hundreds per identity swap). Here every connection, connecting
+//! or open, holds a permit of one semaphore shared by all pools, so the upstream never sees more
+//! than `--max-upstream-concurrency` connections from us, even across a swap.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsConnector;
+
+use super::tls::{classify_tls, AlertProbe};
+use crate::cli::UpstreamProtocol;
+use crate::config::UpstreamTarget;
+use crate::error::ProxyError;
+
+/// Everything a pool needs to open connections.
+pub struct PoolSettings {
+    /// Where to connect.
+    pub target: UpstreamTarget,
+    /// TLS client config presenting the identity.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// ALPN policy.
+    pub protocol: UpstreamProtocol,
+    /// Shared cap on connections (connecting included), across pools.
+    pub conn_limit: Arc<Semaphore>,
+    /// TCP connect + TLS handshake limit.
+    pub connect_timeout: Duration,
+    /// Idle connections close after this.
+    pub idle_timeout: Duration,
+    /// Our identity in words, for refusal messages.
+    pub who: String,
+}
+
+/// A request sender on one upstream connection.
+pub enum Sender {
+    /// HTTP/1.1: one request at a time; goes back to the pool when its response body ends.
+    H1(http1::SendRequest<Incoming>),
+    /// HTTP/2: shared by all requests.
+    H2(http2::SendRequest<Incoming>),
+}
+
+/// A connection taken from the pool for one request.
+pub struct Conn {
+    sender: Sender,
+    /// True when the connection had served an earlier request (it may have been closed meanwhile).
+    pub reused: bool,
+    pool: Weak<Inner>,
+}
+
+/// Hands an HTTP/1.1 connection back to its pool once the response body has ended.
+pub struct Return {
+    sender: http1::SendRequest<Incoming>,
+    pool: Weak<Inner>,
+}
+
+impl Return {
+    /// Puts the connection back as idle (if its pool still exists and is in service).
+    pub fn give_back(self) {
+        if let Some(pool) = self.pool.upgrade() {
+            Inner::checkin(&pool, self.sender);
+        }
+    }
+}
+
+/// A failed send; `request` is given back when nothing of it reached the connection.
+pub struct SendError {
+    /// What failed.
+    pub error: hyper::Error,
+    /// The request, when it was not sent at all and may be sent again.
+    pub request: Option<Request<Incoming>>,
+}
+
+/// Counters for tests and the benchmark.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// TLS handshakes completed.
+    pub handshakes: AtomicU64,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+struct State {
+    idle: Vec<Idle>,
+    h2: Option<http2::SendRequest<Incoming>>,
+}
+
+struct Inner {
+    settings: PoolSettings,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    state: Mutex<State>,
+    retired: AtomicBool,
+    stats: PoolStats,
+}
+
+/// A pool of connections for one identity. Cheap to share: clone the `Arc` around it.
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl Pool {
+    /// A pool that opens connections on demand; starts its idle reaper.
+    pub fn new(settings: PoolSettings) -> Result<Pool, ProxyError> {
+        let server_name = ServerName::try_from(settings.target.host.clone()).map_err(|_| {
+            ProxyError::UpstreamUnreachable(format!(
+                "{:?} is not a valid TLS server name",
+                settings.target.host
+            ))
+        })?;
+        let inner = Arc::new(Inner {
+            connector: TlsConnector::from(settings.tls.clone()),
+            settings,
+            server_name,
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                h2: None,
+            }),
+            retired: AtomicBool::new(false),
+            stats: PoolStats::default(),
+        });
+        let weak = Arc::downgrade(&inner);
+        let every = (inner.settings.idle_timeout / 2).max(Duration::from_millis(500));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                if pool.retired.load(Ordering::Relaxed) {
+                    return;
+                }
+                pool.reap();
+            }
+        });
+        Ok(Pool { inner })
+    }
+
+    /// A connection for one request: an idle one when there is one, else a new one.
+    pub async fn checkout(&self) -> Result<Conn, ProxyError> {
+        if let Some(conn) = self.inner.take_idle() {
+            return Ok(conn);
+        }
+        self.connect().await
+    }
+
+    /// A new connection, never a pooled one (for the retry after a stale pooled connection).
+    pub async fn connect(&self) -> Result<Conn, ProxyError> {
+        Inner::connect(&self.inner).await
+    }
+
+    /// Opens up to `n` connections ahead of demand and parks them idle; returns how many opened.
+    /// Takes only free connection permits, so warming never pushes past the cap.
+    pub async fn warm(&self, n: usize) -> usize {
+        let mut opened = 0;
+        for _ in 0..n {
+            match Inner::connect_with(&self.inner, false).await {
+                Ok(Conn {
+                    sender: Sender::H1(tx),
+                    ..
+                }) => {
+                    Inner::checkin(&self.inner, tx);
+                    opened += 1;
+                }
+                Ok(Conn {
+                    sender: Sender::H2(_),
+                    ..
+                }) => return opened + 1,
+                Err(_) => break,
+            }
+        }
+        opened
+    }
+
+    /// Takes the pool out of service: idle connections close now, busy ones after their request.
+    pub fn retire(&self) {
+        self.inner.retired.store(true, Ordering::Relaxed);
+        if let Ok(mut st) = self.inner.state.lock() {
+            st.idle.clear();
+            st.h2 = None;
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &PoolStats {
+        &self.inner.stats
+    }
+
+    /// Idle HTTP/1.1 connections right now.
+    pub fn idle_count(&self) -> usize {
+        self.inner.state.lock().map(|s| s.idle.len()).unwrap_or(0)
+    }
+}
+
+impl Inner {
+    fn take_idle(self: &Arc<Self>) -> Option<Conn> {
+        let mut st = self.state.lock().ok()?;
+        if let Some(h2) = &st.h2 {
+            if !h2.is_closed() && h2.is_ready() {
+                return Some(Conn {
+                    sender: Sender::H2(h2.clone()),
+                    reused: true,
+                    pool: Arc::downgrade(self),
+                });
+            }
+            st.h2 = None;
+        }
+        let deadline = self.settings.idle_timeout;
+        // Most recently used first: it is the least likely to have been closed by the server.
+        while let Some(idle) = st.idle.pop() {
+            if idle.since.elapsed() < deadline && idle.sender.is_ready() {
+                return Some(Conn {
+                    sender: Sender::H1(idle.sender),
+                    reused: true,
+                    pool: Arc::downgrade(self),
+                });
+            }
+        }
+        None
+    }
+
+    fn checkin(self: &Arc<Self>, mut sender: http1::SendRequest<Incoming>) {
+        if self.retired.load(Ordering::Relaxed) || sender.is_closed() {
+            return;
+        }
+        if sender.is_ready() {
+            self.park(sender);
+            return;
+        }
+        // The connection task has not caught up with the end of the response yet.
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let ready = tokio::time::timeout(Duration::from_secs(5), sender.ready()).await;
+            if let (Ok(Ok(())), Some(pool)) = (ready, pool.upgrade()) {
+                if !pool.retired.load(Ordering::Relaxed) {
+                    pool.park(sender);
+                }
+            }
+        });
+    }
+
+    fn park(&self, sender: http1::SendRequest<Incoming>) {
+        if let Ok(mut st) = self.state.lock() {
+            st.idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn reap(&self) {
+        let deadline = self.settings.idle_timeout;
+        if let Ok(mut st) = self.state.lock() {
+            st.idle
+                .retain(|i| i.since.elapsed() < deadline && !i.sender.is_closed());
+            if st.h2.as_ref().is_some_and(|h| h.is_closed()) {
+                st.h2 = None;
+            }
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Conn, ProxyError> {
+        Self::connect_with(self, true).await
+    }
+
+    async fn connect_with(self: &Arc<Self>, wait_for_permit: bool) -> Result<Conn, ProxyError> {
+        let s = &self.settings;
+        let target = format!("{}:{}", s.target.host, s.target.port);
+        let work = async {
+            let permit = if wait_for_permit {
+                s.conn_limit
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ProxyError::ShuttingDown)?
+            } else {
+                s.conn_limit
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| ProxyError::UpstreamBusy("no free upstream connection".into()))?
+            };
+            let tcp = tcp_connect(&s.target.host, s.target.port).await?;
+            let tls = self
+                .connector
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| classify_tls(&e, &target, &s.who))?;
+            Ok::<_, ProxyError>((permit, tls))
+        };
+        let (permit, tls) = tokio::time::timeout(s.connect_timeout, work)
+            .await
+            .map_err(|_| {
+                ProxyError::UpstreamUnreachable(format!(
+                    "could not connect to {target} within {:?} (--connect-timeout)",
+                    s.connect_timeout
+                ))
+            })??;
+        self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        if s.protocol == UpstreamProtocol::Http2 && !h2 {
+            return Err(ProxyError::UpstreamUnreachable(format!(
+                "{target} did not agree to HTTP/2 (--upstream-protocol http2); use auto or http1"
+            )));
+        }
+        let io = TokioIo::new(AlertProbe::new(tls));
+        let pool = Arc::downgrade(self);
+        if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake::<_, Incoming>(io)
+                .await
+                .map_err(|e| {
+                    ProxyError::UpstreamUnreachable(format!("HTTP/2 with {target} failed: {e}"))
+                })?;
+            spawn_conn(conn, permit);
+            if let Ok(mut st) = self.state.lock() {
+                if !self.retired.load(Ordering::Relaxed)
+                    && st.h2.as_ref().is_none_or(|h| h.is_closed())
+                {
+                    st.h2 = Some(sender.clone());
+                }
+            }
+            Ok(Conn {
+                sender: Sender::H2(sender),
+                reused: false,
+                pool,
+            })
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake::<_, Incoming>(io)
+                .await
+                .map_err(|e| {
+                    ProxyError::UpstreamUnreachable(format!("HTTP/1.1 with {target} failed: {e}"))
+                })?;
+            spawn_conn(conn, permit);
+            Ok(Conn {
+                sender: Sender::H1(sender),
+                reused: false,
+                pool,
+            })
+        }
+    }
+}
+
+fn spawn_conn<F>(conn: F, permit: OwnedSemaphorePermit)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+        drop(permit);
+    });
+}
+
+async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ProxyError> {
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| ProxyError::UpstreamUnreachable(format!("cannot resolve {host}: {e}")))?
+        .collect();
+    let mut last = None;
+    for addr in &addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    Err(ProxyError::UpstreamUnreachable(match last {
+        Some((addr, e)) => format!("cannot connect to {host}:{port} ({addr}): {e}"),
+        None => format!("{host} resolved to no address"),
+    }))
+}
+
+impl Conn {
+    /// Whether this is an HTTP/2 connection.
+    pub fn is_h2(&self) -> bool {
+        matches!(self.sender, Sender::H2(_))
+    }
+
+    /// Sends a request whose URI is `path?query`; sets the URI form and `Host` the protocol needs.
+    /// For HTTP/1.1, also returns the handle that gives the connection back after the body ends.
+    pub async fn send(
+        self,
+        mut req: Request<Incoming>,
+        authority: &http::uri::Authority,
+    ) -> Result<(Response<Incoming>, Option<Return>), SendError> {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        match self.sender {
+            Sender::H1(mut tx) => {
+                *req.version_mut() = http::Version::HTTP_11;
+                *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                    req.headers_mut().insert(http::header::HOST, v);
+                }
+                let fut = tx.try_send_request(req);
+                match fut.await {
+                    Ok(resp) => Ok((
+                        resp,
+                        Some(Return {
+                            sender: tx,
+                            pool: self.pool,
+                        }),
+                    )),
+                    Err(mut e) => Err(SendError {
+                        request: e.take_message(),
+                        error: e.into_error(),
+                    }),
+                }
+            }
+            Sender::H2(mut tx) => {
+                *req.version_mut() = http::Version::HTTP_2;
+                // hyper would send Host besides :authority; some servers refuse the duplicate.
+                req.headers_mut().remove(http::header::HOST);
+                let uri = format!("https://{authority}{pq}");
+                *req.uri_mut() = Uri::try_from(uri).unwrap_or_else(|_| Uri::from_static("/"));
+                match tx.try_send_request(req).await {
+                    Ok(resp) => Ok((resp, None)),
+                    Err(mut e) => Err(SendError {
+                        request: e.take_message(),
+                        error: e.into_error(),
+                    }),
+                }
+            }
+        }
+    }
+}
