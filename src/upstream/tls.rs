@@ -125,6 +125,11 @@ pub fn client_cert_rejected(
              production ones only at api.vero.fi), still valid, and known to Vero API (new production \
              certificates work from the next day)?"
         ))
+    } else if *alert == A::NoApplicationProtocol {
+        ProxyError::UpstreamUnreachable(format!(
+            "{target} speaks none of the HTTP versions offered (TLS alert NoApplicationProtocol); \
+             with --upstream-protocol http2 the server must support HTTP/2: try auto or http1"
+        ))
     } else {
         ProxyError::UpstreamUnreachable(format!(
             "{target} ended the TLS session with alert {alert:?}"
