@@ -187,12 +187,12 @@ impl Proxy {
             match conn.send(req, &self.target.authority).await {
                 // A pooled connection the server had already closed: nothing was sent, so one
                 // retry on a fresh connection cannot duplicate anything.
-                Err(SendError { request: Some(req), error }) if reused => {
+                Err(SendError { request: Some(req), error, tls: None }) if reused => {
                     tracing::debug!(error = %error, "pooled connection was closed; retrying on a new one");
                     let fresh = upstream.pool.connect().await?;
-                    fresh.send(req, &self.target.authority).await.map_err(|e| self.classify(e.error, &who()))
+                    fresh.send(req, &self.target.authority).await.map_err(|e| self.classify(e, &who()))
                 }
-                Err(e) => Err(self.classify(e.error, &who())),
+                Err(e) => Err(self.classify(e, &who())),
                 Ok(ok) => Ok(ok),
             }
         })
@@ -256,9 +256,11 @@ impl Proxy {
         Request::from_parts(parts, body)
     }
 
-    fn classify(&self, err: hyper::Error, who: &str) -> ProxyError {
+    fn classify(&self, failed: SendError, who: &str) -> ProxyError {
         let target = format!("{}:{}", self.target.host, self.target.port);
-        if let Some(tls_err) = find_tls_error(&err) {
+        let err = failed.error;
+        // The connection's own record comes first: HTTP/2 errors do not carry their cause.
+        if let Some(tls_err) = failed.tls.as_ref().or_else(|| find_tls_error(&err)) {
             return match tls_err {
                 rustls::Error::AlertReceived(alert) => {
                     tls::client_cert_rejected(alert, &target, who)

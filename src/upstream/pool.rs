@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
-use super::tls::{classify_tls, AlertProbe};
+use super::tls::{classify_tls, AlertProbe, TlsFailure};
 use crate::cli::UpstreamProtocol;
 use crate::config::UpstreamTarget;
 use crate::error::ProxyError;
@@ -52,6 +52,7 @@ pub enum Sender {
 /// A connection taken from the pool for one request.
 pub struct Conn {
     sender: Sender,
+    failure: TlsFailure,
     /// True when the connection had served an earlier request (it may have been closed meanwhile).
     pub reused: bool,
     pool: Weak<Inner>,
@@ -60,6 +61,7 @@ pub struct Conn {
 /// Hands an HTTP/1.1 connection back to its pool once the response body has ended.
 pub struct Return {
     sender: http1::SendRequest<Incoming>,
+    failure: TlsFailure,
     pool: Weak<Inner>,
 }
 
@@ -67,7 +69,7 @@ impl Return {
     /// Puts the connection back as idle (if its pool still exists and is in service).
     pub fn give_back(self) {
         if let Some(pool) = self.pool.upgrade() {
-            Inner::checkin(&pool, self.sender);
+            Inner::checkin(&pool, self.sender, self.failure);
         }
     }
 }
@@ -78,6 +80,8 @@ pub struct SendError {
     pub error: hyper::Error,
     /// The request, when it was not sent at all and may be sent again.
     pub request: Option<Request<Incoming>>,
+    /// The TLS error seen on the connection, if any (an alert refusing our certificate).
+    pub tls: Option<rustls::Error>,
 }
 
 /// Counters for tests and the benchmark.
@@ -89,12 +93,13 @@ pub struct PoolStats {
 
 struct Idle {
     sender: http1::SendRequest<Incoming>,
+    failure: TlsFailure,
     since: Instant,
 }
 
 struct State {
     idle: Vec<Idle>,
-    h2: Option<http2::SendRequest<Incoming>>,
+    h2: Option<(http2::SendRequest<Incoming>, TlsFailure)>,
 }
 
 struct Inner {
@@ -169,9 +174,10 @@ impl Pool {
             match Inner::connect_with(&self.inner, false).await {
                 Ok(Conn {
                     sender: Sender::H1(tx),
+                    failure,
                     ..
                 }) => {
-                    Inner::checkin(&self.inner, tx);
+                    Inner::checkin(&self.inner, tx, failure);
                     opened += 1;
                 }
                 Ok(Conn {
@@ -207,10 +213,11 @@ impl Pool {
 impl Inner {
     fn take_idle(self: &Arc<Self>) -> Option<Conn> {
         let mut st = self.state.lock().ok()?;
-        if let Some(h2) = &st.h2 {
+        if let Some((h2, failure)) = &st.h2 {
             if !h2.is_closed() && h2.is_ready() {
                 return Some(Conn {
                     sender: Sender::H2(h2.clone()),
+                    failure: failure.clone(),
                     reused: true,
                     pool: Arc::downgrade(self),
                 });
@@ -223,6 +230,7 @@ impl Inner {
             if idle.since.elapsed() < deadline && idle.sender.is_ready() {
                 return Some(Conn {
                     sender: Sender::H1(idle.sender),
+                    failure: idle.failure,
                     reused: true,
                     pool: Arc::downgrade(self),
                 });
@@ -231,12 +239,12 @@ impl Inner {
         None
     }
 
-    fn checkin(self: &Arc<Self>, mut sender: http1::SendRequest<Incoming>) {
+    fn checkin(self: &Arc<Self>, mut sender: http1::SendRequest<Incoming>, failure: TlsFailure) {
         if self.retired.load(Ordering::Relaxed) || sender.is_closed() {
             return;
         }
         if sender.is_ready() {
-            self.park(sender);
+            self.park(sender, failure);
             return;
         }
         // The connection task has not caught up with the end of the response yet.
@@ -245,16 +253,17 @@ impl Inner {
             let ready = tokio::time::timeout(Duration::from_secs(5), sender.ready()).await;
             if let (Ok(Ok(())), Some(pool)) = (ready, pool.upgrade()) {
                 if !pool.retired.load(Ordering::Relaxed) {
-                    pool.park(sender);
+                    pool.park(sender, failure);
                 }
             }
         });
     }
 
-    fn park(&self, sender: http1::SendRequest<Incoming>) {
+    fn park(&self, sender: http1::SendRequest<Incoming>, failure: TlsFailure) {
         if let Ok(mut st) = self.state.lock() {
             st.idle.push(Idle {
                 sender,
+                failure,
                 since: Instant::now(),
             });
         }
@@ -265,7 +274,7 @@ impl Inner {
         if let Ok(mut st) = self.state.lock() {
             st.idle
                 .retain(|i| i.since.elapsed() < deadline && !i.sender.is_closed());
-            if st.h2.as_ref().is_some_and(|h| h.is_closed()) {
+            if st.h2.as_ref().is_some_and(|(h, _)| h.is_closed()) {
                 st.h2 = None;
             }
         }
@@ -314,7 +323,9 @@ impl Inner {
                 "{target} did not agree to HTTP/2 (--upstream-protocol http2); use auto or http1"
             )));
         }
-        let io = TokioIo::new(AlertProbe::new(tls));
+        let probe = AlertProbe::new(tls);
+        let failure = probe.failure();
+        let io = TokioIo::new(probe);
         let pool = Arc::downgrade(self);
         if h2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -327,13 +338,14 @@ impl Inner {
             spawn_conn(conn, permit);
             if let Ok(mut st) = self.state.lock() {
                 if !self.retired.load(Ordering::Relaxed)
-                    && st.h2.as_ref().is_none_or(|h| h.is_closed())
+                    && st.h2.as_ref().is_none_or(|(h, _)| h.is_closed())
                 {
-                    st.h2 = Some(sender.clone());
+                    st.h2 = Some((sender.clone(), failure.clone()));
                 }
             }
             Ok(Conn {
                 sender: Sender::H2(sender),
+                failure,
                 reused: false,
                 pool,
             })
@@ -347,6 +359,7 @@ impl Inner {
             spawn_conn(conn, permit);
             Ok(Conn {
                 sender: Sender::H1(sender),
+                failure,
                 reused: false,
                 pool,
             })
@@ -418,12 +431,14 @@ impl Conn {
                         resp,
                         Some(Return {
                             sender: tx,
+                            failure: self.failure,
                             pool: self.pool,
                         }),
                     )),
                     Err(mut e) => Err(SendError {
                         request: e.take_message(),
                         error: e.into_error(),
+                        tls: self.failure.get().cloned(),
                     }),
                 }
             }
@@ -438,6 +453,7 @@ impl Conn {
                     Err(mut e) => Err(SendError {
                         request: e.take_message(),
                         error: e.into_error(),
+                        tls: self.failure.get().cloned(),
                     }),
                 }
             }

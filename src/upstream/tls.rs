@@ -140,14 +140,33 @@ pub fn client_cert_rejected(
 /// Wraps the TLS stream so that a failed write looks for the server's alert before giving up.
 /// Under TLS 1.3 a refused client certificate arrives as an alert after our side of the handshake
 /// is done; the request's write can fail first (broken pipe) with the alert still unread.
+/// It also keeps the first TLS error it sees, because HTTP/2 errors do not carry their cause.
 pub struct AlertProbe<T> {
     inner: T,
+    seen: TlsFailure,
 }
+
+/// The first TLS-level error seen on a connection, shared with whoever sends on it.
+pub type TlsFailure = Arc<std::sync::OnceLock<rustls::Error>>;
 
 impl<T> AlertProbe<T> {
     /// Wraps a stream.
     pub fn new(inner: T) -> Self {
-        AlertProbe { inner }
+        AlertProbe {
+            inner,
+            seen: TlsFailure::default(),
+        }
+    }
+
+    /// The slot where the first TLS error on this connection is kept.
+    pub fn failure(&self) -> TlsFailure {
+        self.seen.clone()
+    }
+
+    fn note(&self, err: &io::Error) {
+        if let Some(tls) = find_tls_error(err) {
+            let _ = self.seen.set(tls.clone());
+        }
     }
 
     /// The wrapped stream.
@@ -161,7 +180,10 @@ impl<T: AsyncRead + Unpin> AlertProbe<T> {
         let mut scratch = [0u8; 256];
         let mut buf = ReadBuf::new(&mut scratch);
         match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
-            Poll::Ready(Err(read_err)) if find_tls_error(&read_err).is_some() => read_err,
+            Poll::Ready(Err(read_err)) if find_tls_error(&read_err).is_some() => {
+                self.note(&read_err);
+                read_err
+            }
             _ => write_err,
         }
     }
@@ -173,7 +195,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for AlertProbe<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &polled {
+            self.note(e);
+        }
+        polled
     }
 }
 
