@@ -55,6 +55,18 @@ pub struct StandIn {
     /// TLS handshakes completed.
     pub handshakes: Arc<AtomicU64>,
     stop: CancellationToken,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+}
+
+impl StandIn {
+    /// Closes every open connection at once (without a TLS close_notify), as a server that
+    /// restarts or times out idle connections would. New connections are served as before.
+    pub fn drop_connections(&self) {
+        if let Ok(mut g) = self.generation.lock() {
+            g.cancel();
+            *g = self.stop.child_token();
+        }
+    }
 }
 
 impl Drop for StandIn {
@@ -110,19 +122,18 @@ pub fn start_on(
     let stop = CancellationToken::new();
     let handshakes = Arc::new(AtomicU64::new(0));
     let acceptor = TlsAcceptor::from(cfg);
-    let (stop2, count) = (stop.clone(), handshakes.clone());
+    let generation = Arc::new(std::sync::Mutex::new(stop.child_token()));
+    let (stop2, count, gen2) = (stop.clone(), handshakes.clone(), generation.clone());
     tokio::spawn(async move {
         loop {
             let (tcp, _) = tokio::select! {
                 a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
                 _ = stop2.cancelled() => return,
             };
-            let (acceptor, handler, count, stop) = (
-                acceptor.clone(),
-                handler.clone(),
-                count.clone(),
-                stop2.clone(),
-            );
+            let Ok(stop) = gen2.lock().map(|g| g.clone()) else {
+                return;
+            };
+            let (acceptor, handler, count) = (acceptor.clone(), handler.clone(), count.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -143,6 +154,7 @@ pub fn start_on(
         }
     });
     Ok(StandIn {
+        generation,
         addr,
         handshakes,
         stop,

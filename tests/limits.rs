@@ -1,0 +1,296 @@
+//! Limits and lifecycle: the upstream concurrency cap and its queue, client-side limits,
+//! stale pooled connections, added headers, and draining at shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_upstream_never_sees_more_than_the_cap() {
+    let h1: &[&[u8]] = &[b"http/1.1"];
+    let s = Setup::with(
+        UpstreamSpec {
+            alpn: h1,
+            ..Default::default()
+        },
+        &["--max-upstream-concurrency", "3"],
+    )
+    .await;
+    let addr = s.addr;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { send(addr, get("/block")).await }))
+        .collect();
+    s.lab.wait_blocked(3).await;
+    // Let them through one at a time; each release lets exactly one more in.
+    for n in 4..=20 {
+        s.lab.gate.add_permits(1);
+        s.lab.wait_blocked(n).await;
+        assert!(s.lab.active.load(Ordering::SeqCst) <= 3);
+    }
+    s.lab.gate.add_permits(3);
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(s.lab.max_active.load(Ordering::SeqCst), 3);
+    assert!(
+        s.upstream.handshakes.load(Ordering::SeqCst) <= 3,
+        "more connections than the cap"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let s = Setup::new(&[
+        "--max-upstream-concurrency",
+        "1",
+        "--upstream-queue-timeout",
+        "200ms",
+    ])
+    .await;
+    let addr = s.addr;
+    let first = tokio::spawn(async move { send(addr, get("/block")).await });
+    s.lab.wait_blocked(1).await;
+    let a = s.get("/x").await;
+    assert_eq!(
+        (a.status.as_u16(), a.error_code().as_str()),
+        (503, "upstream_busy")
+    );
+    assert_eq!(a.headers["retry-after"], "1");
+    s.lab.gate.add_permits(1);
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(s.get("/x").await.status, 200);
+
+    let s = Setup::new(&[
+        "--max-upstream-concurrency",
+        "1",
+        "--upstream-queue-size",
+        "0",
+    ])
+    .await;
+    let addr = s.addr;
+    let first = tokio::spawn(async move { send(addr, get("/block")).await });
+    s.lab.wait_blocked(1).await;
+    let a = s.get("/x").await;
+    assert_eq!(a.error_code(), "upstream_busy");
+    assert!(a.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("--upstream-queue-size"));
+    s.lab.gate.add_permits(1);
+    assert_eq!(first.await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn a_thousand_clients_at_once_are_all_answered_under_the_cap() {
+    rlimit::increase_nofile_limit(8192).unwrap();
+    let s = Setup::new(&["--max-upstream-concurrency", "50"]).await;
+    let addr = s.addr;
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| tokio::spawn(async move { send(addr, get("/block")).await }))
+        .collect();
+    s.lab.wait_blocked(50).await;
+    s.lab.gate.add_permits(1000);
+    let mut ok = 0;
+    for t in tasks {
+        ok += (t.await.unwrap().status == 200) as usize;
+    }
+    assert_eq!(ok, 1000);
+    assert_eq!(s.lab.received().len(), 1000);
+    assert!(s.lab.max_active.load(Ordering::SeqCst) <= 50);
+}
+
+#[tokio::test]
+async fn slow_request_headers_are_cut_off() {
+    let s = Setup::new(&["--client-header-timeout", "300ms"]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: local")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // The proxy closes the connection (maybe after a 408); it must not wait forever.
+    let r = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "connection still open after the header timeout");
+    assert!(s.lab.received().is_empty());
+}
+
+#[tokio::test]
+async fn oversized_request_headers_are_refused() {
+    let s = Setup::new(&["--max-request-header-bytes", "16384"]).await;
+    let big = "a".repeat(20_000);
+    let a = s
+        .send(
+            Request::get("/x")
+                .header("host", "localhost")
+                .header("x-big", big)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(a.status, 431);
+    assert!(s.lab.received().is_empty());
+    let fits = "a".repeat(8_000);
+    let a = s
+        .send(
+            Request::get("/x")
+                .header("host", "localhost")
+                .header("x-big", fits)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+}
+
+#[tokio::test]
+async fn connections_the_upstream_closed_while_idle_are_not_used_again() {
+    let h1: &[&[u8]] = &[b"http/1.1"];
+    let s = Setup::with(
+        UpstreamSpec {
+            alpn: h1,
+            ..Default::default()
+        },
+        &[],
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(s.get("/x").await.status, 200);
+        s.upstream.drop_connections();
+    }
+    assert_eq!(s.lab.received().len(), 5);
+}
+
+#[tokio::test]
+async fn a_request_the_upstream_received_is_never_replayed() {
+    let h1: &[&[u8]] = &[b"http/1.1"];
+    let h2: &[&[u8]] = &[b"h2"];
+    for alpn in [h1, h2] {
+        let s = Setup::with(
+            UpstreamSpec {
+                alpn,
+                ..Default::default()
+            },
+            &[],
+        )
+        .await;
+        assert_eq!(s.get("/x").await.status, 200);
+        let addr = s.addr;
+        let req = Request::post("/block")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::from_static(b"pay")))
+            .unwrap();
+        let pending = tokio::spawn(async move { send(addr, req).await });
+        s.lab.wait_blocked(1).await;
+        // The upstream has the request and goes away without answering.
+        s.upstream.drop_connections();
+        let a = pending.await.unwrap();
+        assert_eq!(
+            (a.status.as_u16(), a.error_code().as_str()),
+            (502, "upstream_unreachable")
+        );
+        let posts = s
+            .lab
+            .received()
+            .iter()
+            .filter(|r| r.method == "POST")
+            .count();
+        assert_eq!(posts, 1, "the request was sent again");
+    }
+}
+
+#[tokio::test]
+async fn added_headers_are_set_and_file_values_follow_the_file() {
+    let pki = Pki::new();
+    let key_file = pki.path("software-key");
+    std::fs::write(&key_file, "key-one\r\n").unwrap();
+    let lab = std::sync::Arc::new(Lab::default());
+    let up = start_upstream(&pki.ca, &pki.ca, UpstreamSpec::default(), lab.clone()).await;
+    let sw = format!("Vero-SoftwareKey: @{}", key_file.display());
+    let args = proxy_args(
+        &pki,
+        &format!("https://localhost:{}", up.addr.port()),
+        &[
+            "--add-header",
+            &sw,
+            "--add-header",
+            "User-Agent: payroll/1.0",
+        ],
+    );
+    let proxy = start_proxy(args).await;
+    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
+        panic!()
+    };
+    let req = Request::get("/x")
+        .header("host", "localhost")
+        .header("user-agent", "app")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(addr, req).await.status, 200);
+    let r = lab.last();
+    assert_eq!(r.headers["vero-softwarekey"], "key-one");
+    assert_eq!(
+        r.headers.get_all("user-agent").iter().collect::<Vec<_>>(),
+        ["payroll/1.0"]
+    );
+
+    // A rotated key file is picked up without a restart.
+    let tmp = pki.path("software-key.new");
+    std::fs::write(&tmp, "key-two\n").unwrap();
+    std::fs::rename(&tmp, &key_file).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(send(addr, get("/x")).await.status, 200);
+        if lab.last().headers["vero-softwarekey"] == "key-two" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new key was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish_and_stops_accepting() {
+    let s = Setup::new(&[]).await;
+    let addr = s.addr;
+    let in_flight = tokio::spawn(async move { send(addr, get("/block")).await });
+    s.lab.wait_blocked(1).await;
+    let Setup {
+        proxy,
+        lab,
+        upstream: _up,
+        ..
+    } = s;
+    proxy.begin_shutdown();
+    // New connections are refused once the accept loop has stopped.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still accepting after shutdown began"
+        );
+        tokio::task::yield_now().await;
+    }
+    lab.gate.add_permits(1);
+    let a = in_flight.await.unwrap();
+    assert_eq!(a.status, 200);
+    tokio::time::timeout(Duration::from_secs(10), proxy.wait())
+        .await
+        .expect("drain did not finish");
+}
