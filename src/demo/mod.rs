@@ -99,6 +99,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let cfg = Config::from_args(&cli.run)?;
     let running = crate::app::start(cfg).await?;
 
+    // The addresses actually bound (a port of 0 means "any free one").
+    let listen = running.listen.to_string();
+    let admin = running.admin;
     let base = format!("http://{listen}");
     println!(
         "\nvero-proxy demo\n\
