@@ -294,3 +294,26 @@ async fn shutdown_lets_requests_in_flight_finish_and_stops_accepting() {
         .await
         .expect("drain did not finish");
 }
+
+#[tokio::test]
+async fn the_pool_is_replaced_after_the_max_connection_age() {
+    let s = Setup::new(&["--upstream-max-connection-age", "300ms"]).await;
+    assert_eq!(s.get("/x").await.status, 200);
+    let first = std::sync::Arc::as_ptr(&s.proxy.proxy.upstream.load_full());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while std::sync::Arc::as_ptr(&s.proxy.proxy.upstream.load_full()) == first {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pool was never replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.get("/x").await.status, 200);
+    let conns: std::collections::HashSet<_> =
+        s.lab.received().iter().map(|r| r.seen.connection).collect();
+    assert_eq!(
+        conns.len(),
+        2,
+        "the second request should use a connection of the new pool"
+    );
+}
