@@ -168,24 +168,39 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
 /// Runs until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    // Handlers first: a signal that arrives while starting must drain, not kill the process.
+    let signals = Signals::install()?;
     let running = start(cfg).await?;
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("shutdown signal received");
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGTERM and SIGINT handlers, installed before anything is served.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    pub fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    /// Resolves on SIGTERM or SIGINT.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+    }
 }
 
 fn log_identity(id: &identity::Identity) {

@@ -58,6 +58,7 @@ fn free_or_any(wanted: &str) -> anyhow::Result<SocketAddr> {
 
 /// Runs the demo until Ctrl-C.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let signals = crate::app::Signals::install()?;
     let dir = make_temp_dir()?;
     let ca = pki::TestPki::new("vero-proxy demo CA")?;
     let server = ca.server(&["localhost", "127.0.0.1"])?;
@@ -122,7 +123,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         dir = dir.0.display(),
         port = upstream.addr.port(),
     );
-    crate::app::wait_for_signal().await?;
+    signals.wait().await;
     running.shutdown().await;
     drop(upstream);
     drop(dir);
