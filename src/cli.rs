@@ -56,12 +56,43 @@ pub struct RunArgs {
     pub upstream: Option<String>,
 
     /// Client certificate (PEM; the chain may follow the leaf; may also hold the key).
+    /// One of --cert, --identity-dir or --pkcs12 is required.
     #[arg(long, env = "VERO_PROXY_CERT")]
     pub cert: Option<PathBuf>,
 
     /// Private key of the client certificate (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "VERO_PROXY_KEY")]
     pub key: Option<PathBuf>,
+
+    /// A directory holding cert.pem + key.pem, or tls.crt + tls.key (a Kubernetes TLS Secret).
+    #[arg(long, env = "VERO_PROXY_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+
+    /// A PKCS#12 / PFX file with the certificate and key (password from --pkcs12-password-file
+    /// or the VERO_PROXY_PKCS12_PASSWORD env var; never on the command line).
+    #[arg(long, env = "VERO_PROXY_PKCS12")]
+    pub pkcs12: Option<PathBuf>,
+
+    /// File whose first line is the PKCS#12 password; read again at every reload.
+    #[arg(long, env = "VERO_PROXY_PKCS12_PASSWORD_FILE")]
+    pub pkcs12_password_file: Option<PathBuf>,
+
+    /// File whose first line is the password of an encrypted PKCS#8 key.
+    #[arg(long, env = "VERO_PROXY_KEY_PASSWORD_FILE")]
+    pub key_password_file: Option<PathBuf>,
+
+    /// The PKCS#12 password from VERO_PROXY_PKCS12_PASSWORD (read by main, never a flag).
+    #[arg(skip)]
+    pub pkcs12_password_env: Option<zeroize::Zeroizing<String>>,
+
+    /// How often the identity files are compared with the identity in service (a safety net for
+    /// mounts where file events never arrive); 0 turns polling off.
+    #[arg(long, env = "VERO_PROXY_RELOAD_INTERVAL", default_value = "30s")]
+    pub reload_interval: String,
+
+    /// Quiet time after the last file event before the files are read again.
+    #[arg(long, env = "VERO_PROXY_RELOAD_DEBOUNCE", default_value = "50ms")]
+    pub reload_debounce: String,
 
     /// Extra trust anchors (PEM) for the upstream's server certificate, added to the system's.
     #[arg(long, env = "VERO_PROXY_CA_FILE")]

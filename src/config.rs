@@ -9,6 +9,7 @@ use http::uri::{Authority, Uri};
 use http::{HeaderName, HeaderValue};
 
 use crate::cli::{LogFormat, RunArgs, UpstreamProtocol};
+use crate::identity::{IdentitySource, Password};
 
 /// Where a listener listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,15 +60,6 @@ pub enum HeaderSource {
     File(PathBuf),
 }
 
-/// The identity files named on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityFiles {
-    /// Certificate PEM (chain after the leaf allowed; may hold the key too).
-    pub cert: PathBuf,
-    /// Key PEM; `None` when the key is in the certificate file.
-    pub key: Option<PathBuf>,
-}
-
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -79,8 +71,12 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Upstream target.
     pub upstream: UpstreamTarget,
-    /// Client identity files.
-    pub identity: IdentityFiles,
+    /// Client identity source.
+    pub identity: IdentitySource,
+    /// Poll interval for identity changes; zero = no polling.
+    pub reload_interval: Duration,
+    /// Quiet time after file events before reloading.
+    pub reload_debounce: Duration,
     /// Extra trust anchors.
     pub ca_file: Option<PathBuf>,
     /// Host names (lower case, no port) that requests may carry in `Host` or `Origin`.
@@ -155,9 +151,7 @@ impl Config {
                  or one of: test, production, sandbox (also VERO_PROXY_UPSTREAM)",
             )
         })?)?;
-        let cert = args.cert.clone().ok_or_else(|| {
-            bad("--cert is required: the organisation's client certificate as PEM (also VERO_PROXY_CERT)")
-        })?;
+        let identity = identity_source(args)?;
         let mut allowed_hosts = Vec::new();
         for h in &args.allowed_hosts {
             let h = h.trim().trim_end_matches('.').to_ascii_lowercase();
@@ -183,10 +177,9 @@ impl Config {
             listen_mode: parse_mode(&args.listen_mode)?,
             admin_listen,
             upstream,
-            identity: IdentityFiles {
-                cert,
-                key: args.key.clone(),
-            },
+            identity,
+            reload_interval: parse_duration(&args.reload_interval, "--reload-interval")?,
+            reload_debounce: parse_duration(&args.reload_debounce, "--reload-debounce")?,
             ca_file: args.ca_file.clone(),
             allowed_hosts,
             add_headers,
@@ -223,6 +216,55 @@ impl Config {
             log_format: args.log_format,
         })
     }
+}
+
+/// Which of --cert, --identity-dir and --pkcs12 was given, with what goes with it.
+fn identity_source(args: &RunArgs) -> Result<IdentitySource, ConfigError> {
+    let given = [
+        args.cert.is_some(),
+        args.identity_dir.is_some(),
+        args.pkcs12.is_some(),
+    ];
+    match given.iter().filter(|g| **g).count() {
+        0 => {
+            return Err(bad("the client certificate is required: --cert PATH (with --key PATH), \
+                 --identity-dir DIR or --pkcs12 PATH (also VERO_PROXY_CERT, VERO_PROXY_IDENTITY_DIR, VERO_PROXY_PKCS12)"))
+        }
+        1 => {}
+        _ => return Err(bad("give only one of --cert, --identity-dir and --pkcs12")),
+    }
+    if args.key.is_some() && args.cert.is_none() {
+        return Err(bad("--key goes with --cert"));
+    }
+    if let Some(cert) = &args.cert {
+        return Ok(IdentitySource::Pem {
+            cert: cert.clone(),
+            key: args.key.clone(),
+            key_password: args.key_password_file.clone(),
+        });
+    }
+    if let Some(dir) = &args.identity_dir {
+        return Ok(IdentitySource::Dir {
+            dir: dir.clone(),
+            key_password: args.key_password_file.clone(),
+        });
+    }
+    let path = args.pkcs12.clone().unwrap_or_default();
+    if args.key_password_file.is_some() {
+        return Err(bad("--key-password-file is for encrypted PEM keys; a PKCS#12 file takes --pkcs12-password-file"));
+    }
+    let password = match (&args.pkcs12_password_file, &args.pkcs12_password_env) {
+        (Some(f), _) => Password::File(f.clone()),
+        (None, Some(env)) => Password::Env(env.clone()),
+        (None, None) => {
+            return Err(bad(format!(
+                "--pkcs12 {} needs its password: --pkcs12-password-file PATH, or the VERO_PROXY_PKCS12_PASSWORD \
+                 environment variable (never on the command line, where ps would show it)",
+                path.display()
+            )))
+        }
+    };
+    Ok(IdentitySource::Pkcs12 { path, password })
 }
 
 /// Parses `HOST:PORT` or `unix:/PATH`.
@@ -472,5 +514,41 @@ mod tests {
             .unwrap()
             .run;
         assert!(Config::from_args(&a).unwrap_err().0.contains("--cert"));
+    }
+
+    #[test]
+    fn exactly_one_identity_source() {
+        use clap::Parser;
+        let parse = |v: &[&str]| {
+            let mut all = vec!["vero-proxy", "--upstream", "test"];
+            all.extend_from_slice(v);
+            Config::from_args(&crate::cli::Cli::try_parse_from(all).unwrap().run)
+        };
+        assert!(parse(&["--cert", "c", "--pkcs12", "p"])
+            .unwrap_err()
+            .0
+            .contains("only one"));
+        assert!(parse(&["--identity-dir", "d", "--key", "k"])
+            .unwrap_err()
+            .0
+            .contains("--key goes with --cert"));
+        let e = parse(&["--pkcs12", "p.p12"]).unwrap_err();
+        assert!(
+            e.0.contains("VERO_PROXY_PKCS12_PASSWORD") && e.0.contains("p.p12"),
+            "{e}"
+        );
+        assert!(matches!(
+            parse(&["--pkcs12", "p", "--pkcs12-password-file", "pw"])
+                .unwrap()
+                .identity,
+            IdentitySource::Pkcs12 {
+                password: Password::File(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(&["--identity-dir", "d"]).unwrap().identity,
+            IdentitySource::Dir { .. }
+        ));
     }
 }

@@ -36,8 +36,12 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: vero_proxy::cli::RunArgs) -> anyhow::Result<()> {
+async fn run(mut args: vero_proxy::cli::RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    // Deliberately an environment variable and never a flag: a flag would show in `ps`.
+    args.pkcs12_password_env = std::env::var("VERO_PROXY_PKCS12_PASSWORD")
+        .ok()
+        .map(zeroize::Zeroizing::new);
     let cfg = vero_proxy::config::Config::from_args(&args)?;
     vero_proxy::app::run(cfg).await
 }

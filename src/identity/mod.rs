@@ -1,7 +1,11 @@
 //! What "our certificate" is: the client certificate chain and key the proxy presents, with
 //! the facts about it that operators and error messages need.
 
+pub mod keys;
 pub mod load;
+pub mod permissions;
+pub mod pkcs12;
+pub mod source;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rustls::sign::CertifiedKey;
 
 pub use load::{load, IdentityError};
+pub use source::{IdentitySource, Password};
 
 /// A loaded, validated client identity. Immutable: a reload makes a new one.
 pub struct Identity {
@@ -18,6 +23,10 @@ pub struct Identity {
     pub info: CertInfo,
     /// SHA-256 over the source files' bytes, to tell a real change from a touched file.
     pub content_hash: [u8; 32],
+    /// Where it was loaded from, for logs and status.
+    pub source: String,
+    /// Things an operator should fix (a key readable by others).
+    pub warnings: Vec<String>,
 }
 
 impl std::fmt::Debug for Identity {
