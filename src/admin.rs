@@ -24,6 +24,8 @@ pub struct AdminState {
     pub upstream: SharedUpstream,
     /// True while the main listener accepts.
     pub accepting: AtomicBool,
+    /// Loads the identity again on `POST /reload`.
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
@@ -39,7 +41,29 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
 }
 
 /// Answers one admin request.
-pub fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<ProxyBody> {
+pub async fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<ProxyBody> {
+    if req.uri().path() == "/reload" {
+        if req.method() != Method::POST {
+            return json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({"error": "method_not_allowed", "message": "use POST /reload"}),
+            );
+        }
+        let outcome = state.reloader.reload("POST /reload").await;
+        let info = &state.upstream.load().identity.info;
+        let mut body = serde_json::json!({
+            "result": outcome.as_str(),
+            "identity": {"subject": info.subject, "serial": info.serial, "not_after": rfc3339(info.not_after)},
+        });
+        let status = match &outcome {
+            crate::reload::Outcome::Failed(msg) => {
+                body["error"] = serde_json::Value::String(msg.clone());
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            _ => StatusCode::OK,
+        };
+        return json(status, body);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -73,7 +97,7 @@ pub fn answer(state: &AdminState, req: &Request<Incoming>) -> Response<ProxyBody
         }
         _ => json(
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "not_found", "endpoints": ["/healthz", "/readyz"]}),
+            serde_json::json!({"error": "not_found", "endpoints": ["/healthz", "/readyz", "POST /reload"]}),
         ),
     }
 }
@@ -97,8 +121,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         let builder = builder.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let r = answer(&state, &req);
-                async move { Ok::<_, std::convert::Infallible>(r) }
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&state, &req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });

@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::AdminState;
 use crate::config::{AddHeader, Config, HeaderSource};
 use crate::gate::Gate;
-use crate::identity::{self, rfc3339};
+use crate::identity;
 use crate::proxy::{AddedHeaders, Proxy};
+use crate::reload::{log_identity, Reloader};
 use crate::server::{self, BoundAddr, ClientLimits};
 use crate::upstream::limit::Limiter;
-use crate::upstream::{self, tls, SharedUpstream, UpstreamFactory};
+use crate::upstream::{tls, SharedUpstream, UpstreamFactory};
 
 /// A started proxy.
 pub struct Running {
@@ -27,6 +28,8 @@ pub struct Running {
     pub admin: std::net::SocketAddr,
     /// The request service (for tests and the demo to look at).
     pub proxy: Arc<Proxy>,
+    /// The identity reloader.
+    pub reloader: Arc<Reloader>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -81,8 +84,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let provider = tls::provider();
     let roots = tls::trust_anchors(cfg.ca_file.as_deref())?;
     let ident = identity::load(&cfg.identity, &provider, SystemTime::now())?;
-    log_identity(&ident);
-    let factory = UpstreamFactory::new(cfg.clone(), roots, provider);
+    log_identity(&ident, "client identity loaded");
+    let factory = UpstreamFactory::new(cfg.clone(), roots, provider.clone());
     let shared: SharedUpstream = Arc::new(ArcSwap::from_pointee(factory.build(Arc::new(ident))?));
     let added: AddedHeaders =
         Arc::new(ArcSwap::from_pointee(read_added_headers(&cfg.add_headers)?));
@@ -95,13 +98,21 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let admin = admin_listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
+    let limiter = Arc::new(Limiter::new(
+        cfg.max_upstream_concurrency,
+        cfg.upstream_queue_size,
+        cfg.upstream_queue_timeout,
+    ));
+    let reloader = Arc::new(Reloader::new(
+        cfg.identity.clone(),
+        shared.clone(),
+        factory,
+        provider,
+        limiter.clone(),
+    ));
     let proxy = Arc::new(Proxy::new(
         shared.clone(),
-        Limiter::new(
-            cfg.max_upstream_concurrency,
-            cfg.upstream_queue_size,
-            cfg.upstream_queue_timeout,
-        ),
+        limiter,
         Gate::new(&cfg.listen, &cfg.allowed_hosts),
         cfg.upstream.clone(),
         added.clone(),
@@ -111,16 +122,23 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let admin_state = Arc::new(AdminState {
         upstream: shared.clone(),
         accepting: true.into(),
+        reloader: reloader.clone(),
     });
     let background = CancellationToken::new();
+    identity::watch::spawn(
+        reloader.clone(),
+        cfg.reload_debounce,
+        cfg.reload_interval,
+        background.clone(),
+    );
     tokio::spawn(crate::admin::serve(
         admin_listener,
         admin_state.clone(),
         background.clone(),
     ));
+    let reloader_handle = reloader.clone();
     tokio::spawn(refresh_pool(
-        shared.clone(),
-        factory,
+        reloader,
         cfg.upstream_max_connection_age,
         background.clone(),
     ));
@@ -158,6 +176,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         background.cancel();
     });
     Ok(Running {
+        reloader: reloader_handle,
         listen,
         admin,
         proxy,
@@ -203,28 +222,10 @@ impl Signals {
     }
 }
 
-fn log_identity(id: &identity::Identity) {
-    let i = &id.info;
-    tracing::info!(
-        subject = %i.subject,
-        issuer = %i.issuer,
-        serial = %i.serial,
-        not_after = %rfc3339(i.not_after),
-        days_left = i.days_left(SystemTime::now()),
-        sha256 = %i.fingerprint_sha256,
-        chain = i.chain_len,
-        "client identity loaded"
-    );
-    if i.client_auth_allowed == Some(false) {
-        tracing::warn!(subject = %i.subject, "the certificate's extended key usage does not allow TLS client authentication; the upstream may refuse it");
-    }
-}
-
 /// Replaces the pool every `max_age`, through the same swap a new identity uses, so DNS changes
 /// are seen and no connection lives forever.
 async fn refresh_pool(
-    shared: SharedUpstream,
-    factory: UpstreamFactory,
+    reloader: Arc<Reloader>,
     max_age: std::time::Duration,
     stop: CancellationToken,
 ) {
@@ -236,14 +237,7 @@ async fn refresh_pool(
             _ = tokio::time::sleep(max_age) => {},
             _ = stop.cancelled() => return,
         }
-        let current = shared.load_full();
-        match factory.refresh(&current) {
-            Ok(next) => {
-                upstream::swap(&shared, next);
-                tracing::debug!("upstream pool replaced (--upstream-max-connection-age)");
-            }
-            Err(e) => tracing::warn!(error = %e, "could not replace the upstream pool"),
-        }
+        reloader.refresh_pool().await;
     }
 }
 

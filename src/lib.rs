@@ -13,5 +13,6 @@ pub mod error;
 pub mod gate;
 pub mod identity;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod upstream;

@@ -28,7 +28,7 @@ pub struct Proxy {
     /// The identity and pool in service.
     pub upstream: SharedUpstream,
     /// Concurrency cap towards the upstream.
-    pub limiter: Limiter,
+    pub limiter: Arc<Limiter>,
     /// Which requests may pass.
     pub gate: Gate,
     /// Where requests go.
@@ -102,7 +102,7 @@ impl Proxy {
     /// A proxy in front of `upstream`.
     pub fn new(
         upstream: SharedUpstream,
-        limiter: Limiter,
+        limiter: Arc<Limiter>,
         gate: Gate,
         target: UpstreamTarget,
         added_headers: AddedHeaders,

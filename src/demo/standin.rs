@@ -34,6 +34,8 @@ pub struct Seen {
     pub client_subject: Option<String>,
     /// Client certificate serial, colon-separated hex.
     pub client_serial: Option<String>,
+    /// Certificates the client sent (leaf included).
+    pub client_chain_len: usize,
     /// SNI the client sent.
     pub sni: Option<String>,
     /// ALPN protocol agreed.
@@ -167,6 +169,7 @@ fn seen_of(conn: &rustls::ServerConnection, n: u64) -> Seen {
     Seen {
         client_subject: parsed.as_ref().map(|c| c.subject().to_string()),
         client_serial: parsed.as_ref().map(|c| c.raw_serial_as_string()),
+        client_chain_len: conn.peer_certificates().map_or(0, |c| c.len()),
         sni: conn.server_name().map(str::to_owned),
         alpn: conn
             .alpn_protocol()

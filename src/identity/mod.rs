@@ -6,6 +6,7 @@ pub mod load;
 pub mod permissions;
 pub mod pkcs12;
 pub mod source;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

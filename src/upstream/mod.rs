@@ -49,6 +49,11 @@ impl UpstreamFactory {
         }
     }
 
+    /// The connect timeout, which also bounds how long a new pool is warmed.
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        self.cfg.connect_timeout
+    }
+
     /// A new `Upstream` with a new TLS config and an empty pool.
     pub fn build(&self, identity: Arc<Identity>) -> Result<Upstream, ProxyError> {
         let tls = tls::client_config(

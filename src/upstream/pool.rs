@@ -166,28 +166,49 @@ impl Pool {
         Inner::connect(&self.inner).await
     }
 
-    /// Opens up to `n` connections ahead of demand and parks them idle; returns how many opened.
-    /// Takes only free connection permits, so warming never pushes past the cap.
+    /// Opens up to `n` connections ahead of demand, in parallel, and parks them idle; returns
+    /// how many opened. Takes only free connection permits, so warming never pushes past the
+    /// cap. The first connection tells the protocol: one HTTP/2 connection serves everyone.
     pub async fn warm(&self, n: usize) -> usize {
-        let mut opened = 0;
-        for _ in 0..n {
-            match Inner::connect_with(&self.inner, false).await {
-                Ok(Conn {
-                    sender: Sender::H1(tx),
-                    failure,
-                    ..
-                }) => {
-                    Inner::checkin(&self.inner, tx, failure);
-                    opened += 1;
-                }
-                Ok(Conn {
-                    sender: Sender::H2(_),
-                    ..
-                }) => return opened + 1,
-                Err(_) => break,
-            }
+        if n == 0 {
+            return 0;
+        }
+        match self.warm_one().await {
+            None => return 0,
+            Some(false) => return 1,
+            Some(true) => {}
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 1..n {
+            let pool = Pool {
+                inner: self.inner.clone(),
+            };
+            set.spawn(async move { pool.warm_one().await.is_some() });
+        }
+        let mut opened = 1;
+        while let Some(r) = set.join_next().await {
+            opened += usize::from(r.unwrap_or(false));
         }
         opened
+    }
+
+    /// One warm connection: `Some(true)` for HTTP/1.1 (parked idle), `Some(false)` for HTTP/2.
+    async fn warm_one(&self) -> Option<bool> {
+        match Inner::connect_with(&self.inner, false).await {
+            Ok(Conn {
+                sender: Sender::H1(tx),
+                failure,
+                ..
+            }) => {
+                Inner::checkin(&self.inner, tx, failure);
+                Some(true)
+            }
+            Ok(Conn {
+                sender: Sender::H2(_),
+                ..
+            }) => Some(false),
+            Err(_) => None,
+        }
     }
 
     /// Takes the pool out of service: idle connections close now, busy ones after their request.

@@ -1,0 +1,203 @@
+//! Putting a new identity into service: load it (a pure function of the files), build a whole
+//! new `Upstream` for it, warm its pool, swap the pointer, retire the old pool. A load that fails
+//! is retried briefly, then rejected: the identity in service stays.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::CryptoProvider;
+
+use crate::identity::{self, rfc3339, Identity, IdentitySource};
+use crate::upstream::limit::Limiter;
+use crate::upstream::{self, SharedUpstream, UpstreamFactory};
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new identity is in service.
+    Reloaded,
+    /// The files hold the identity already in service.
+    Unchanged,
+    /// The files could not be loaded; the message says why. The old identity stays.
+    Failed(String),
+}
+
+impl Outcome {
+    /// `reloaded`, `unchanged` or `failed`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Reloaded => "reloaded",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Counters and the last outcome, for the admin endpoints.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Reloads that put a new identity in service.
+    pub reloaded: AtomicU64,
+    /// Reloads that found nothing new.
+    pub unchanged: AtomicU64,
+    /// Reloads rejected.
+    pub failed: AtomicU64,
+    /// Time, trigger and outcome of the last reload.
+    pub last: Mutex<Option<(SystemTime, String, Outcome)>>,
+}
+
+/// Loads and swaps identities. One reload runs at a time.
+pub struct Reloader {
+    source: IdentitySource,
+    shared: SharedUpstream,
+    factory: UpstreamFactory,
+    provider: Arc<CryptoProvider>,
+    limiter: Arc<Limiter>,
+    running: tokio::sync::Mutex<()>,
+    /// Counters.
+    pub stats: ReloadStats,
+    done: tokio::sync::watch::Sender<u64>,
+}
+
+/// Pauses between attempts at a pair that does not load (a cert written before its key).
+const RETRIES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+];
+
+impl Reloader {
+    /// A reloader for `source`, swapping into `shared`.
+    pub fn new(
+        source: IdentitySource,
+        shared: SharedUpstream,
+        factory: UpstreamFactory,
+        provider: Arc<CryptoProvider>,
+        limiter: Arc<Limiter>,
+    ) -> Self {
+        Reloader {
+            source,
+            shared,
+            factory,
+            provider,
+            limiter,
+            running: Default::default(),
+            stats: Default::default(),
+            done: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Ticks once per finished reload, whatever its outcome (for tests and status pages to
+    /// wait on instead of guessing how long a reload takes).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.done.subscribe()
+    }
+
+    /// The identity source.
+    pub fn source(&self) -> &IdentitySource {
+        &self.source
+    }
+
+    /// Whether the files differ from the identity in service (for the poll trigger).
+    pub fn files_changed(&self) -> bool {
+        identity::load::content_hash(&self.source)
+            .is_some_and(|h| h != self.shared.load().identity.content_hash)
+    }
+
+    /// Reads the files again and puts a new identity in service if they hold one.
+    pub async fn reload(&self, trigger: &str) -> Outcome {
+        let _one_at_a_time = self.running.lock().await;
+        let outcome = self.reload_once(trigger).await;
+        let counter = match &outcome {
+            Outcome::Reloaded => &self.stats.reloaded,
+            Outcome::Unchanged => &self.stats.unchanged,
+            Outcome::Failed(_) => &self.stats.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.stats.last.lock() {
+            *last = Some((SystemTime::now(), trigger.to_string(), outcome.clone()));
+        }
+        self.done.send_modify(|n| *n += 1);
+        outcome
+    }
+
+    /// Replaces the pool with a fresh one for the same identity (so DNS is looked up again and
+    /// no connection lives forever), under the same lock as reloads so neither undoes the other.
+    pub async fn refresh_pool(&self) {
+        let _one_at_a_time = self.running.lock().await;
+        let current = self.shared.load_full();
+        match self.factory.refresh(&current) {
+            Ok(next) => {
+                upstream::swap(&self.shared, next);
+                tracing::debug!("upstream pool replaced (--upstream-max-connection-age)");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not replace the upstream pool"),
+        }
+    }
+
+    async fn reload_once(&self, trigger: &str) -> Outcome {
+        let mut attempt = 0;
+        let ident = loop {
+            match identity::load(&self.source, &self.provider, SystemTime::now()) {
+                Ok(ident) => break ident,
+                Err(e) if attempt < RETRIES.len() => {
+                    tracing::debug!(error = %e, "identity does not load yet; trying again");
+                    tokio::time::sleep(RETRIES[attempt]).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    let current = &self.shared.load().identity.info;
+                    tracing::error!(
+                        %trigger,
+                        in_service = %current.subject,
+                        in_service_not_after = %rfc3339(current.not_after),
+                        "identity reload rejected, the identity in service stays: {e}"
+                    );
+                    return Outcome::Failed(e.to_string());
+                }
+            }
+        };
+        let current = self.shared.load_full();
+        if ident.content_hash == current.identity.content_hash {
+            tracing::debug!(%trigger, "identity files unchanged");
+            return Outcome::Unchanged;
+        }
+        let next = match self.factory.build(Arc::new(ident)) {
+            Ok(n) => n,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        // As many handshakes as the old pool has requests in flight, done before the swap, so
+        // the swap is not a handshake storm. Bounded by free connection permits and time.
+        let want = self.limiter.in_flight().max(1);
+        let warmed = tokio::time::timeout(self.factory.connect_timeout(), next.pool.warm(want))
+            .await
+            .unwrap_or(0);
+        log_identity(&next.identity, "identity reloaded");
+        tracing::info!(%trigger, warmed, "new identity in service; connections of the old one retire");
+        upstream::swap(&self.shared, next);
+        Outcome::Reloaded
+    }
+}
+
+/// Logs what an identity is, and what is wrong with it.
+pub fn log_identity(id: &Identity, what: &str) {
+    let i = &id.info;
+    tracing::info!(
+        subject = %i.subject,
+        issuer = %i.issuer,
+        serial = %i.serial,
+        not_after = %rfc3339(i.not_after),
+        days_left = i.days_left(SystemTime::now()),
+        sha256 = %i.fingerprint_sha256,
+        chain = i.chain_len,
+        source = %id.source,
+        "{what}"
+    );
+    if i.client_auth_allowed == Some(false) {
+        tracing::warn!(subject = %i.subject, "the certificate's extended key usage does not allow TLS client authentication; the upstream may refuse it");
+    }
+    for w in &id.warnings {
+        tracing::warn!("{w}");
+    }
+}
