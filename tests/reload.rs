@@ -1,0 +1,346 @@
+//! Identity reloads: every trigger, broken and half-written pairs, and rotation under load with
+//! zero failed requests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use vero_proxy::demo::pki::Pair;
+
+fn get() -> Request<Full<Bytes>> {
+    Request::get("/x")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// Writes `contents` to `path` the way editors and deploy tools do: a temp file, then rename.
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp-new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn serial_of(pair: &Pair) -> String {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pair.cert_pem.as_bytes()).unwrap();
+    vero_proxy::identity::load::describe(Path::new("x"), &[der])
+        .unwrap()
+        .serial
+}
+
+struct Rig {
+    pki: Pki,
+    lab: Arc<Lab>,
+    _up: vero_proxy::demo::standin::StandIn,
+    proxy: vero_proxy::app::Running,
+    addr: std::net::SocketAddr,
+}
+
+impl Rig {
+    /// The proxy with --cert/--key (or the extra flags) in front of an HTTP/1.1 upstream, so
+    /// pooled connections of the old identity exist when a new one arrives.
+    async fn new(extra: &[&str]) -> Rig {
+        let pki = Pki::new();
+        let lab = Arc::new(Lab::default());
+        let h1: &[&[u8]] = &[b"http/1.1"];
+        let up = start_upstream(
+            &pki.ca,
+            &pki.ca,
+            UpstreamSpec {
+                alpn: h1,
+                ..Default::default()
+            },
+            lab.clone(),
+        )
+        .await;
+        let proxy = start_proxy(proxy_args(
+            &pki,
+            &format!("https://localhost:{}", up.addr.port()),
+            extra,
+        ))
+        .await;
+        let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
+            panic!()
+        };
+        Rig {
+            pki,
+            lab,
+            _up: up,
+            proxy,
+            addr,
+        }
+    }
+
+    fn serial_in_service(&self) -> String {
+        self.proxy
+            .proxy
+            .upstream
+            .load()
+            .identity
+            .info
+            .serial
+            .clone()
+    }
+
+    /// Waits (on reload events, not the clock) until the identity in service has `serial`.
+    async fn wait_for_serial(&self, serial: &str) {
+        let mut rx = self.proxy.reloader.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while self.serial_in_service() != serial {
+                rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("identity {serial} never went into service"));
+    }
+
+    /// Waits until a reload has failed `n` times in all.
+    async fn wait_for_failures(&self, n: u64) {
+        let mut rx = self.proxy.reloader.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while self.proxy.reloader.stats.failed.load(Ordering::SeqCst) < n {
+                rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("the broken pair was never rejected");
+    }
+
+    async fn upstream_serial(&self) -> String {
+        let a = send(self.addr, get()).await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        self.lab.last().seen.client_serial.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn files_renamed_into_place_go_into_service_on_new_connections() {
+    let rig = Rig::new(&[]).await;
+    let old = serial_of(&rig.pki.client);
+    assert_eq!(rig.upstream_serial().await, old);
+    let next = rig.pki.ca.client("1234567-1", "Testi Oy").unwrap();
+    let started = Instant::now();
+    replace(&rig.pki.cert, &next.cert_pem);
+    replace(&rig.pki.key, &next.key_pem);
+    rig.wait_for_serial(&serial_of(&next)).await;
+    assert_eq!(rig.upstream_serial().await, serial_of(&next));
+    println!(
+        "new identity in use {:?} after the files changed",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_kubernetes_secret_volume_swap_is_seen() {
+    use std::os::unix::fs::symlink;
+    let pki = Pki::new();
+    let vol = pki.path("secret");
+    std::fs::create_dir(&vol).unwrap();
+    let publish = |name: &str, pair: &Pair| {
+        let dir = vol.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("tls.crt"), &pair.cert_pem).unwrap();
+        std::fs::write(dir.join("tls.key"), &pair.key_pem).unwrap();
+        // What the kubelet does: a new ..data_tmp symlink renamed over ..data.
+        symlink(name, vol.join("..data_tmp")).unwrap();
+        std::fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
+    };
+    publish("..2026_11_25_01", &pki.client);
+    symlink("..data/tls.crt", vol.join("tls.crt")).unwrap();
+    symlink("..data/tls.key", vol.join("tls.key")).unwrap();
+
+    let lab = Arc::new(Lab::default());
+    let up = start_upstream(&pki.ca, &pki.ca, UpstreamSpec::default(), lab.clone()).await;
+    let mut args = proxy_args(&pki, &format!("https://localhost:{}", up.addr.port()), &[]);
+    let i = args.iter().position(|a| a == "--cert").unwrap();
+    args.drain(i..i + 4);
+    args.extend(["--identity-dir".to_string(), vol.display().to_string()]);
+    let proxy = start_proxy(args).await;
+    let rig = Rig {
+        pki,
+        lab,
+        _up: up,
+        addr: match proxy.listen {
+            vero_proxy::server::BoundAddr::Tcp(a) => a,
+            _ => panic!(),
+        },
+        proxy,
+    };
+    assert_eq!(rig.upstream_serial().await, serial_of(&rig.pki.client));
+
+    let next = rig.pki.ca.client("1234567-1", "Testi Oy").unwrap();
+    publish("..2026_11_25_02", &next);
+    rig.wait_for_serial(&serial_of(&next)).await;
+    assert_eq!(rig.upstream_serial().await, serial_of(&next));
+}
+
+#[tokio::test]
+async fn sighup_and_post_reload_trigger_a_reload() {
+    let rig = Rig::new(&[]).await;
+    let mut rx = rig.proxy.reloader.subscribe();
+    std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while rig.proxy.reloader.stats.unchanged.load(Ordering::SeqCst) == 0 {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("SIGHUP did not reload");
+
+    let post = |addr| async move {
+        let req = Request::post("/reload")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        send(addr, req).await
+    };
+    let a = post(rig.proxy.admin).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["result"], "unchanged");
+
+    std::fs::write(&rig.pki.cert, "not a certificate").unwrap();
+    let a = post(rig.proxy.admin).await;
+    assert_eq!(a.status, 422);
+    assert_eq!(a.json()["result"], "failed");
+    assert!(
+        a.json()["error"].as_str().unwrap().contains("client.pem"),
+        "{:?}",
+        a.body
+    );
+    assert_eq!(
+        rig.upstream_serial().await,
+        serial_of(&rig.pki.client),
+        "the identity in service changed"
+    );
+}
+
+#[tokio::test]
+async fn a_half_written_pair_keeps_the_old_identity_until_the_key_arrives() {
+    let rig = Rig::new(&[]).await;
+    let old = serial_of(&rig.pki.client);
+    let next = rig.pki.ca.client("1234567-1", "Testi Oy").unwrap();
+    replace(&rig.pki.cert, &next.cert_pem);
+    rig.wait_for_failures(1).await;
+    assert_eq!(rig.serial_in_service(), old);
+    assert_eq!(
+        rig.upstream_serial().await,
+        old,
+        "requests must keep working on the old pair"
+    );
+    replace(&rig.pki.key, &next.key_pem);
+    rig.wait_for_serial(&serial_of(&next)).await;
+    assert_eq!(rig.upstream_serial().await, serial_of(&next));
+}
+
+#[tokio::test]
+async fn an_expired_replacement_is_rejected() {
+    let rig = Rig::new(&[]).await;
+    let now = time::OffsetDateTime::now_utc();
+    let expired = rig
+        .pki
+        .ca
+        .client_valid(
+            "1234567-1",
+            "Testi Oy",
+            now - time::Duration::days(800),
+            now - time::Duration::days(1),
+            rcgen::KeyPair::generate().unwrap(),
+        )
+        .unwrap();
+    replace(&rig.pki.key, &expired.key_pem);
+    replace(&rig.pki.cert, &expired.cert_pem);
+    rig.wait_for_failures(1).await;
+    assert_eq!(rig.upstream_serial().await, serial_of(&rig.pki.client));
+}
+
+#[tokio::test]
+async fn rotating_every_few_hundred_ms_under_load_fails_no_request() {
+    let rig = Rig::new(&["--max-upstream-concurrency", "64"]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), rig.addr);
+        clients.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut tx, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                tx.ready().await.unwrap();
+                let resp = tx.send_request(get()).await.unwrap();
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                if status == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    errors.push(String::from_utf8_lossy(&body).into_owned());
+                }
+            }
+            errors
+        }));
+    }
+    let mut serials = vec![serial_of(&rig.pki.client)];
+    let mut swap_times = Vec::new();
+    for _ in 0..10 {
+        let next = rig.pki.ca.client("1234567-1", "Testi Oy").unwrap();
+        let t = Instant::now();
+        replace(&rig.pki.key, &next.key_pem);
+        replace(&rig.pki.cert, &next.cert_pem);
+        rig.wait_for_serial(&serial_of(&next)).await;
+        swap_times.push(t.elapsed());
+        serials.push(serial_of(&next));
+        // Let the load run on the new identity for a moment before the next rotation.
+        let seen_before = rig.lab.received().len();
+        while rig.lab.received().len() < seen_before + 200 {
+            tokio::task::yield_now().await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for c in clients {
+        errors.extend(c.await.unwrap());
+    }
+    let seen: std::collections::HashSet<String> = rig
+        .lab
+        .received()
+        .iter()
+        .filter_map(|r| r.seen.client_serial.clone())
+        .collect();
+    println!(
+        "rotation under load: {} ok, {} failed, swap times {:?}",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        swap_times
+    );
+    assert!(
+        errors.is_empty(),
+        "{} failed requests, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    for s in &serials {
+        assert!(
+            seen.contains(s),
+            "identity {s} was never presented upstream"
+        );
+    }
+    // After the last swap, new requests use the last identity only.
+    assert_eq!(rig.upstream_serial().await, serials[serials.len() - 1]);
+}
