@@ -163,6 +163,10 @@ impl Proxy {
         }
         self.gate.check(&req, &self.target)?;
 
+        let req = self.rewrite(req);
+        let permit = self.limiter.acquire().await?;
+        // The snapshot is taken once the request may go: one that waited in the queue across
+        // an identity swap goes out with the new identity, not on a retired pool.
         let upstream: Arc<Upstream> = self.upstream.load_full();
         let now = crate::identity::unix(SystemTime::now());
         if now > upstream.identity.info.not_after {
@@ -173,8 +177,6 @@ impl Proxy {
             )));
         }
 
-        let req = self.rewrite(req);
-        let permit = self.limiter.acquire().await?;
         let conn = upstream.pool.checkout().await?;
         let reused = conn.reused;
         let who = || {

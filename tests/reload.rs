@@ -265,69 +265,86 @@ async fn an_expired_replacement_is_rejected() {
     assert_eq!(rig.upstream_serial().await, serial_of(&rig.pki.client));
 }
 
-#[tokio::test]
-async fn rotating_every_few_hundred_ms_under_load_fails_no_request() {
-    let rig = Rig::new(&["--max-upstream-concurrency", "64"]).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut clients = Vec::new();
-    for _ in 0..16 {
-        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), rig.addr);
-        clients.push(tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (mut tx, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                tx.ready().await.unwrap();
-                let resp = tx.send_request(get()).await.unwrap();
-                let status = resp.status();
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
-                if status == 200 {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    errors.push(String::from_utf8_lossy(&body).into_owned());
-                }
-            }
-            errors
-        }));
+/// Keep-alive clients sending requests back to back until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    clients: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, n: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let clients = (0..n)
+            .map(|_| {
+                let (stop, ok) = (stop.clone(), ok.clone());
+                tokio::spawn(async move {
+                    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    let (mut tx, conn) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                            .await
+                            .unwrap();
+                    tokio::spawn(conn);
+                    let mut errors = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        tx.ready().await.unwrap();
+                        let resp = tx.send_request(get()).await.unwrap();
+                        let status = resp.status();
+                        let body = resp.into_body().collect().await.unwrap().to_bytes();
+                        if status == 200 {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            errors.push(format!("{status} {}", String::from_utf8_lossy(&body)));
+                        }
+                    }
+                    errors
+                })
+            })
+            .collect();
+        Load { stop, ok, clients }
     }
+
+    /// Stops the clients; the answers that were not 200.
+    async fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for c in self.clients {
+            errors.extend(c.await.unwrap());
+        }
+        (self.ok.load(Ordering::Relaxed), errors)
+    }
+}
+
+/// Rotates the identity `times` times under the rig's load; returns the serials put in service.
+async fn rotate(rig: &Rig, times: usize) -> Vec<String> {
     let mut serials = vec![serial_of(&rig.pki.client)];
-    let mut swap_times = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..times {
         let next = rig.pki.ca.client("1234567-1", "Testi Oy").unwrap();
-        let t = Instant::now();
         replace(&rig.pki.key, &next.key_pem);
         replace(&rig.pki.cert, &next.cert_pem);
         rig.wait_for_serial(&serial_of(&next)).await;
-        swap_times.push(t.elapsed());
         serials.push(serial_of(&next));
-        // Let the load run on the new identity for a moment before the next rotation.
+        // Let the load run on the new identity for a while before the next rotation.
         let seen_before = rig.lab.received().len();
         while rig.lab.received().len() < seen_before + 200 {
             tokio::task::yield_now().await;
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut errors = Vec::new();
-    for c in clients {
-        errors.extend(c.await.unwrap());
-    }
-    let seen: std::collections::HashSet<String> = rig
-        .lab
-        .received()
-        .iter()
-        .filter_map(|r| r.seen.client_serial.clone())
-        .collect();
+    serials
+}
+
+#[tokio::test]
+async fn rotating_under_load_fails_no_request() {
+    let rig = Rig::new(&["--max-upstream-concurrency", "64"]).await;
+    let load = Load::start(rig.addr, 16);
+    let started = Instant::now();
+    let serials = rotate(&rig, 10).await;
+    let (ok, errors) = load.stop().await;
     println!(
-        "rotation under load: {} ok, {} failed, swap times {:?}",
-        ok.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed),
-        swap_times
+        "rotation under load: {ok} ok, {} failed in {:?}",
+        errors.len(),
+        started.elapsed()
     );
     assert!(
         errors.is_empty(),
@@ -335,6 +352,12 @@ async fn rotating_every_few_hundred_ms_under_load_fails_no_request() {
         errors.len(),
         errors.first()
     );
+    let seen: std::collections::HashSet<String> = rig
+        .lab
+        .received()
+        .iter()
+        .filter_map(|r| r.seen.client_serial.clone())
+        .collect();
     for s in &serials {
         assert!(
             seen.contains(s),
@@ -343,4 +366,27 @@ async fn rotating_every_few_hundred_ms_under_load_fails_no_request() {
     }
     // After the last swap, new requests use the last identity only.
     assert_eq!(rig.upstream_serial().await, serials[serials.len() - 1]);
+}
+
+#[tokio::test]
+async fn swaps_never_open_more_upstream_connections_than_the_cap() {
+    let rig = Rig::new(&["--max-upstream-concurrency", "8"]).await;
+    let load = Load::start(rig.addr, 32);
+    rotate(&rig, 5).await;
+    let (ok, errors) = load.stop().await;
+    assert!(
+        errors.is_empty(),
+        "{} failed, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    let conns = &rig.proxy.proxy.upstream.load().connections;
+    let handshakes = rig._up.handshakes.load(Ordering::SeqCst);
+    println!("cap 8, 32 clients, 5 swaps: {ok} ok, peak {} upstream connections, {handshakes} handshakes", conns.peak());
+    assert!(
+        conns.peak() <= 8,
+        "{} connections open at once",
+        conns.peak()
+    );
+    assert!(rig.lab.max_active.load(Ordering::SeqCst) <= 8);
 }

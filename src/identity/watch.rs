@@ -26,7 +26,15 @@ pub fn spawn(reloader: Arc<Reloader>, debounce: Duration, poll: Duration, stop: 
              (--reload-interval; 0 means never), SIGHUP and POST /reload"
         ),
     }
-    tokio::spawn(on_sighup(reloader.clone(), stop.clone()));
+    // Registered now, not inside the task: a SIGHUP sent right after start-up must not be lost.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hup) => {
+            tokio::spawn(on_sighup(reloader.clone(), hup, stop.clone()));
+        }
+        Err(e) => tracing::warn!(
+            "cannot listen for SIGHUP ({e}); file events, polling and POST /reload still reload"
+        ),
+    }
     if !poll.is_zero() {
         tokio::spawn(on_poll(reloader, poll, stop));
     }
@@ -90,14 +98,11 @@ async fn on_events(
     }
 }
 
-async fn on_sighup(reloader: Arc<Reloader>, stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!(
-            "cannot listen for SIGHUP; file events, polling and POST /reload still reload"
-        );
-        return;
-    };
+async fn on_sighup(
+    reloader: Arc<Reloader>,
+    mut hup: tokio::signal::unix::Signal,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = hup.recv() => { reloader.reload("SIGHUP").await; }

@@ -10,12 +10,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::RootCertStore;
-use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::identity::Identity;
-use pool::{Pool, PoolSettings};
+use pool::{ConnLimit, Pool, PoolSettings};
 
 /// One identity's way to the upstream. Requests take an `Arc` of it at their start and keep it to
 /// their end, so a swap never changes a request halfway.
@@ -26,6 +25,8 @@ pub struct Upstream {
     pub tls: Arc<rustls::ClientConfig>,
     /// Connections made with that config.
     pub pool: Pool,
+    /// The cap on upstream connections shared by every pool, and their count.
+    pub connections: Arc<ConnLimit>,
 }
 
 /// What every new `Upstream` is built from, besides the identity.
@@ -34,13 +35,13 @@ pub struct UpstreamFactory {
     cfg: Arc<Config>,
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
-    conn_limit: Arc<Semaphore>,
+    conn_limit: Arc<ConnLimit>,
 }
 
 impl UpstreamFactory {
     /// A factory sharing one connection cap across every pool it makes.
     pub fn new(cfg: Arc<Config>, roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>) -> Self {
-        let conn_limit = Arc::new(Semaphore::new(cfg.max_upstream_concurrency));
+        let conn_limit = ConnLimit::new(cfg.max_upstream_concurrency);
         UpstreamFactory {
             cfg,
             roots,
@@ -94,6 +95,7 @@ impl UpstreamFactory {
             identity,
             tls,
             pool,
+            connections: self.conn_limit.clone(),
         })
     }
 }

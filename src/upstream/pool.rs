@@ -5,7 +5,7 @@
 //! or open, holds a permit of one semaphore shared by all pools, so the upstream never sees more
 //! than `--max-upstream-concurrency` connections from us, even across a swap.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,66 @@ use crate::cli::UpstreamProtocol;
 use crate::config::UpstreamTarget;
 use crate::error::ProxyError;
 
+/// The cap on upstream connections, shared by every pool, with a count of those open
+/// (connecting included) and the most ever open at once.
+pub struct ConnLimit {
+    sem: Arc<Semaphore>,
+    open: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// One connection's place under the cap, held for the connection's life.
+pub struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    limit: Arc<ConnLimit>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.limit.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnLimit {
+    /// A cap of `max` connections.
+    pub fn new(max: usize) -> Arc<ConnLimit> {
+        Arc::new(ConnLimit {
+            sem: Arc::new(Semaphore::new(max)),
+            open: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        })
+    }
+
+    async fn acquire(self: &Arc<Self>) -> Option<ConnSlot> {
+        let permit = self.sem.clone().acquire_owned().await.ok()?;
+        Some(self.slot(permit))
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<ConnSlot> {
+        let permit = self.sem.clone().try_acquire_owned().ok()?;
+        Some(self.slot(permit))
+    }
+
+    fn slot(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> ConnSlot {
+        let now = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        ConnSlot {
+            _permit: permit,
+            limit: self.clone(),
+        }
+    }
+
+    /// Connections open or connecting now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The most connections ever open or connecting at once.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
 /// Everything a pool needs to open connections.
 pub struct PoolSettings {
     /// Where to connect.
@@ -32,7 +92,7 @@ pub struct PoolSettings {
     /// ALPN policy.
     pub protocol: UpstreamProtocol,
     /// Shared cap on connections (connecting included), across pools.
-    pub conn_limit: Arc<Semaphore>,
+    pub conn_limit: Arc<ConnLimit>,
     /// TCP connect + TLS handshake limit.
     pub connect_timeout: Duration,
     /// Idle connections close after this.
@@ -109,6 +169,8 @@ struct Inner {
     state: Mutex<State>,
     retired: AtomicBool,
     stats: PoolStats,
+    /// Woken whenever a connection is parked idle.
+    parked: tokio::sync::Notify,
 }
 
 /// A pool of connections for one identity. Cheap to share: clone the `Arc` around it.
@@ -135,6 +197,7 @@ impl Pool {
             }),
             retired: AtomicBool::new(false),
             stats: PoolStats::default(),
+            parked: tokio::sync::Notify::new(),
         });
         let weak = Arc::downgrade(&inner);
         let every = (inner.settings.idle_timeout / 2).max(Duration::from_millis(500));
@@ -154,16 +217,51 @@ impl Pool {
     }
 
     /// A connection for one request: an idle one when there is one, else a new one.
+    /// While every connection permit is taken, it also watches for a connection coming back
+    /// idle: otherwise a request could wait for a permit while an idle connection sat unused.
     pub async fn checkout(&self) -> Result<Conn, ProxyError> {
-        if let Some(conn) = self.inner.take_idle() {
-            return Ok(conn);
+        let wait = async {
+            loop {
+                let parked = self.inner.parked.notified();
+                tokio::pin!(parked);
+                // Registered before looking, so a connection parked in between is not missed.
+                parked.as_mut().enable();
+                if let Some(conn) = self.inner.take_idle() {
+                    return Ok(Err(conn));
+                }
+                tokio::select! {
+                    slot = self.inner.settings.conn_limit.acquire() => {
+                        return slot.map(Ok).ok_or(ProxyError::ShuttingDown);
+                    }
+                    _ = parked => {}
+                }
+            }
+        };
+        match self.wait_for_slot(wait).await? {
+            Err(idle) => Ok(idle),
+            Ok(slot) => Inner::connect_with(&self.inner, slot).await,
         }
-        self.connect().await
     }
 
     /// A new connection, never a pooled one (for the retry after a stale pooled connection).
     pub async fn connect(&self) -> Result<Conn, ProxyError> {
-        Inner::connect(&self.inner).await
+        let limit = &self.inner.settings.conn_limit;
+        let slot = self
+            .wait_for_slot(async { limit.acquire().await.ok_or(ProxyError::ShuttingDown) })
+            .await?;
+        Inner::connect_with(&self.inner, slot).await
+    }
+
+    async fn wait_for_slot<T>(
+        &self,
+        wait: impl std::future::Future<Output = Result<T, ProxyError>>,
+    ) -> Result<T, ProxyError> {
+        let limit = self.inner.settings.connect_timeout;
+        tokio::time::timeout(limit, wait).await.map_err(|_| {
+            ProxyError::UpstreamBusy(format!(
+                "no upstream connection became free within {limit:?}; all are in use (--max-upstream-concurrency)"
+            ))
+        })?
     }
 
     /// Opens up to `n` connections ahead of demand, in parallel, and parks them idle; returns
@@ -194,7 +292,8 @@ impl Pool {
 
     /// One warm connection: `Some(true)` for HTTP/1.1 (parked idle), `Some(false)` for HTTP/2.
     async fn warm_one(&self) -> Option<bool> {
-        match Inner::connect_with(&self.inner, false).await {
+        let slot = self.inner.settings.conn_limit.try_acquire()?;
+        match Inner::connect_with(&self.inner, slot).await {
             Ok(Conn {
                 sender: Sender::H1(tx),
                 failure,
@@ -248,7 +347,8 @@ impl Inner {
         let deadline = self.settings.idle_timeout;
         // Most recently used first: it is the least likely to have been closed by the server.
         while let Some(idle) = st.idle.pop() {
-            if idle.since.elapsed() < deadline && idle.sender.is_ready() {
+            // Parked the moment its response ended; `send` waits for it to be ready.
+            if idle.since.elapsed() < deadline && !idle.sender.is_closed() {
                 return Some(Conn {
                     sender: Sender::H1(idle.sender),
                     failure: idle.failure,
@@ -260,27 +360,10 @@ impl Inner {
         None
     }
 
-    fn checkin(self: &Arc<Self>, mut sender: http1::SendRequest<Incoming>, failure: TlsFailure) {
+    fn checkin(self: &Arc<Self>, sender: http1::SendRequest<Incoming>, failure: TlsFailure) {
         if self.retired.load(Ordering::Relaxed) || sender.is_closed() {
             return;
         }
-        if sender.is_ready() {
-            self.park(sender, failure);
-            return;
-        }
-        // The connection task has not caught up with the end of the response yet.
-        let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let ready = tokio::time::timeout(Duration::from_secs(5), sender.ready()).await;
-            if let (Ok(Ok(())), Some(pool)) = (ready, pool.upgrade()) {
-                if !pool.retired.load(Ordering::Relaxed) {
-                    pool.park(sender, failure);
-                }
-            }
-        });
-    }
-
-    fn park(&self, sender: http1::SendRequest<Incoming>, failure: TlsFailure) {
         if let Ok(mut st) = self.state.lock() {
             st.idle.push(Idle {
                 sender,
@@ -288,6 +371,7 @@ impl Inner {
                 since: Instant::now(),
             });
         }
+        self.parked.notify_waiters();
     }
 
     fn reap(&self) {
@@ -301,26 +385,11 @@ impl Inner {
         }
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<Conn, ProxyError> {
-        Self::connect_with(self, true).await
-    }
-
-    async fn connect_with(self: &Arc<Self>, wait_for_permit: bool) -> Result<Conn, ProxyError> {
+    /// TCP + TLS + HTTP handshake on a connection place already taken.
+    async fn connect_with(self: &Arc<Self>, permit: ConnSlot) -> Result<Conn, ProxyError> {
         let s = &self.settings;
         let target = format!("{}:{}", s.target.host, s.target.port);
         let work = async {
-            let permit = if wait_for_permit {
-                s.conn_limit
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| ProxyError::ShuttingDown)?
-            } else {
-                s.conn_limit
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| ProxyError::UpstreamBusy("no free upstream connection".into()))?
-            };
             let tcp = tcp_connect(&s.target.host, s.target.port).await?;
             let tls = self
                 .connector
@@ -388,7 +457,7 @@ impl Inner {
     }
 }
 
-fn spawn_conn<F>(conn: F, permit: OwnedSemaphorePermit)
+fn spawn_conn<F>(conn: F, permit: ConnSlot)
 where
     F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
 {
@@ -445,6 +514,15 @@ impl Conn {
                 *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
                 if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
                     req.headers_mut().insert(http::header::HOST, v);
+                }
+                // A parked connection may still be finishing its previous response; one the
+                // server closed meanwhile fails here with the request unsent, so it can be retried.
+                if let Err(error) = tx.ready().await {
+                    return Err(SendError {
+                        request: Some(req),
+                        error,
+                        tls: self.failure.get().cloned(),
+                    });
                 }
                 let fut = tx.try_send_request(req);
                 match fut.await {
