@@ -338,3 +338,60 @@ fn key_permissions_warn_like_ssh() {
             .contains("group 54321"));
     }
 }
+
+#[tokio::test]
+async fn an_identity_that_expires_in_service_is_answered_503_and_not_ready() {
+    let pki = Pki::new();
+    let now = OffsetDateTime::now_utc();
+    let short = pki
+        .ca
+        .client_valid(
+            "1234567-1",
+            "Lyhyt Oy",
+            now - Duration::days(1),
+            now + Duration::seconds(2),
+            rcgen::KeyPair::generate().unwrap(),
+        )
+        .unwrap();
+    std::fs::write(&pki.cert, &short.cert_pem).unwrap();
+    std::fs::write(&pki.key, &short.key_pem).unwrap();
+    let lab = Arc::new(Lab::default());
+    let up = start_upstream(&pki.ca, &pki.ca, UpstreamSpec::default(), lab.clone()).await;
+    let proxy = start_proxy(proxy_args(
+        &pki,
+        &format!("https://localhost:{}", up.addr.port()),
+        &[],
+    ))
+    .await;
+    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
+        panic!()
+    };
+    let get = |p: &str| {
+        Request::get(p)
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(send(proxy.admin, get("/readyz")).await.status, 200);
+
+    // Certificate times have one-second precision: wait until it has certainly expired.
+    let expiry = std::time::SystemTime::from(now + Duration::seconds(3));
+    tokio::time::sleep(
+        expiry
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+    let a = send(addr, get("/x")).await;
+    assert_eq!(
+        (a.status.as_u16(), a.error_code().as_str()),
+        (503, "client_certificate_expired")
+    );
+    assert!(
+        a.json()["message"].as_str().unwrap().contains("expired on"),
+        "{:?}",
+        a.body
+    );
+    assert_eq!(send(proxy.admin, get("/readyz")).await.status, 503);
+    assert_eq!(lab.received().len(), 0);
+}
