@@ -39,13 +39,18 @@ impl Proc {
     /// Starts the binary with `args` (without argv0), logging at info level without colour, and
     /// with no `VERO_PROXY_*` variable inherited from the test's environment.
     fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
+        Self::spawn_logging(args, "info")
+    }
+
+    /// As `spawn`, logging at `level`.
+    fn spawn_logging<S: AsRef<std::ffi::OsStr>>(args: &[S], level: &str) -> Proc {
         let mut cmd = Command::new(BIN);
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("VERO_PROXY_") {
                 cmd.env_remove(name);
             }
         }
-        cmd.env("VERO_PROXY_LOG", "info")
+        cmd.env("VERO_PROXY_LOG", level)
             .env("NO_COLOR", "1")
             .args(args)
             .stdin(Stdio::null())
@@ -612,4 +617,56 @@ async fn memory_stays_bounded_while_large_bodies_stream_through_the_binary() {
         after_upload < LIMIT_KIB,
         "peak RSS of the proxy was {after_upload} KiB, over {LIMIT_KIB} KiB"
     );
+}
+
+#[tokio::test]
+async fn logs_never_carry_queries_header_values_bodies_or_keys() {
+    let pki = Pki::new();
+    let lab = Arc::new(Lab::default());
+    let upstream = start_upstream(&pki.ca, &pki.ca, UpstreamSpec::default(), lab.clone()).await;
+    let added = pki.path("software-key");
+    std::fs::write(&added, "ADDEDSECRET\n").unwrap();
+    let header = format!("Vero-SoftwareKey: @{}", added.display());
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let args = args_listening_on(&pki, &url, "127.0.0.1:0", &["--add-header", &header]);
+    // Debug level: the libraries' own logs must not leak either.
+    let mut proc = Proc::spawn_logging(&args, "debug");
+    let addr: SocketAddr = proc.serving().await.parse().unwrap();
+    let req = Request::post("/Customer/IDs/v1?hetu=010101-123N&ytunnus=QUERYSECRET")
+        .header("host", "localhost")
+        .header("authorization", "Bearer AUTHSECRET")
+        .header("cookie", "session=COOKIESECRET")
+        .header("x-app-header", "HEADERSECRET")
+        .body(Full::new(Bytes::from_static(b"{\"hetu\":\"BODYSECRET\"}")))
+        .unwrap();
+    assert_eq!(send(addr, req).await.status, 200);
+    let refused = Request::get("/Customer/IDs/v1?hetu=REFUSEDSECRET")
+        .header("host", "localhost")
+        .header("origin", "https://evil.example")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(addr, refused).await.status, 403);
+    assert_eq!(lab.last().headers["vero-softwarekey"], "ADDEDSECRET");
+    proc.terminate().await;
+    assert!(proc.wait_exit(Duration::from_secs(30)).await.success());
+    let log = proc.stderr();
+    assert!(log.contains("/Customer/IDs/v1"), "no access line:\n{log}");
+    let key_line = pki.client.key_pem.lines().nth(1).unwrap();
+    for secret in [
+        "010101-123N",
+        "QUERYSECRET",
+        "REFUSEDSECRET",
+        "AUTHSECRET",
+        "COOKIESECRET",
+        "HEADERSECRET",
+        "BODYSECRET",
+        "ADDEDSECRET",
+        "PRIVATE KEY",
+        key_line,
+    ] {
+        assert!(
+            !log.contains(secret),
+            "{secret} appeared in the log:\n{log}"
+        );
+    }
 }
