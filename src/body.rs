@@ -119,3 +119,46 @@ impl Body for ProxyBody {
         }
     }
 }
+
+/// A request body on its way upstream: small bodies are read whole first, so a request that an
+/// HTTP/2 server refused unprocessed (GOAWAY, REFUSED_STREAM) can be sent again; larger or
+/// chunked ones stream through and are never replayed.
+pub enum RequestBody {
+    /// Read whole (possibly empty); `None` once sent.
+    Full(Option<Bytes>),
+    /// Streamed from the application.
+    Stream(Incoming),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Full(b) => Poll::Ready(
+                b.take()
+                    .filter(|d| !d.is_empty())
+                    .map(|d| Ok(Frame::data(d))),
+            ),
+            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Full(b) => b.as_ref().is_none_or(|d| d.is_empty()),
+            RequestBody::Stream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+            RequestBody::Stream(b) => b.size_hint(),
+        }
+    }
+}

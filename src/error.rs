@@ -50,6 +50,9 @@ pub enum ProxyError {
     /// A browser's cross-site request.
     #[error("{0}")]
     CrossSiteRequest(String),
+    /// The application's request body could not be read whole.
+    #[error("{0}")]
+    ClientBodyIncomplete(String),
     /// The client identity in service has expired.
     #[error("{0}")]
     ClientCertificateExpired(String),
@@ -70,6 +73,7 @@ impl ProxyError {
             ProxyError::ForbiddenHost(_) => "forbidden_host",
             ProxyError::CrossSiteRequest(_) => "cross_site_request",
             ProxyError::ClientCertificateExpired(_) => "client_certificate_expired",
+            ProxyError::ClientBodyIncomplete(_) => "client_body_incomplete",
         }
     }
 
@@ -84,6 +88,7 @@ impl ProxyError {
             | ProxyError::ShuttingDown
             | ProxyError::ClientCertificateExpired(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ClientBodyIncomplete(_) => StatusCode::BAD_REQUEST,
             ProxyError::ForeignAuthority { .. }
             | ProxyError::ForbiddenHost(_)
             | ProxyError::CrossSiteRequest(_) => StatusCode::FORBIDDEN,

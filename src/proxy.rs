@@ -11,13 +11,13 @@ use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{ProxyBody, UpstreamBody};
+use crate::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::config::UpstreamTarget;
 use crate::error::{find_tls_error, ProxyError};
 use crate::gate::Gate;
 use crate::identity::rfc3339;
 use crate::upstream::limit::Limiter;
-use crate::upstream::pool::SendError;
+use crate::upstream::pool::{Return, SendError};
 use crate::upstream::{tls, SharedUpstream, Upstream};
 
 /// Headers set on every forwarded request (`--add-header`), swapped when a value file changes.
@@ -163,7 +163,14 @@ impl Proxy {
         }
         self.gate.check(&req, &self.target)?;
 
-        let req = self.rewrite(req);
+        let (head, body) = self.rewrite(req).into_parts();
+        let head = Head {
+            method: head.method,
+            uri: head.uri,
+            headers: head.headers,
+        };
+        // Read before taking a place under the cap, so a slow client never holds one.
+        let body = read_small_body(body).await?;
         let permit = self.limiter.acquire().await?;
         // The snapshot is taken once the request may go: one that waited in the queue across
         // an identity swap goes out with the new identity, not on a retired pool.
@@ -176,30 +183,10 @@ impl Proxy {
                 rfc3339(upstream.identity.info.not_after)
             )));
         }
-
-        let conn = upstream.pool.checkout().await?;
-        let reused = conn.reused;
-        let who = || {
-            format!(
-                "subject {}, serial {}",
-                upstream.identity.info.subject, upstream.identity.info.serial
-            )
-        };
-        let sent = tokio::time::timeout(self.response_timeout, async {
-            match conn.send(req, &self.target.authority).await {
-                // A pooled connection the server had already closed: nothing was sent, so one
-                // retry on a fresh connection cannot duplicate anything.
-                Err(SendError { request: Some(req), error, tls: None }) if reused => {
-                    tracing::debug!(error = %error, "pooled connection was closed; retrying on a new one");
-                    let fresh = upstream.pool.connect().await?;
-                    fresh.send(req, &self.target.authority).await.map_err(|e| self.classify(e, &who()))
-                }
-                Err(e) => Err(self.classify(e, &who())),
-                Ok(ok) => Ok(ok),
-            }
-        })
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout(self.response_timeout))??;
+        let sent =
+            tokio::time::timeout(self.response_timeout, self.exchange(&upstream, head, body))
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(self.response_timeout))??;
 
         let (resp, conn_return) = sent;
         let (mut parts, body) = resp.into_parts();
@@ -207,6 +194,65 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let body = UpstreamBody::new(body, permit, conn_return);
         Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+    }
+
+    /// Sends the request, again when it provably did not reach the upstream: once after a
+    /// pooled connection the server had closed before anything was sent, and up to
+    /// `REFUSED_RETRIES` times after an HTTP/2 stream the server refused unprocessed (graceful
+    /// GOAWAY, REFUSED_STREAM), when the body was kept.
+    async fn exchange(
+        &self,
+        upstream: &Upstream,
+        head: Head,
+        body: RequestBody,
+    ) -> Result<(Response<Incoming>, Option<Return>), ProxyError> {
+        let who = || {
+            format!(
+                "subject {}, serial {}",
+                upstream.identity.info.subject, upstream.identity.info.serial
+            )
+        };
+        let backup = match &body {
+            RequestBody::Full(Some(b)) => Some((head.clone(), b.clone())),
+            _ => None,
+        };
+        let mut req = head.into_request(body);
+        let (mut fresh_connection, mut refusals) = (false, 0);
+        loop {
+            let conn = if fresh_connection {
+                upstream.pool.connect().await?
+            } else {
+                upstream.pool.checkout().await?
+            };
+            let reused = conn.reused;
+            match conn.send(req, &self.target.authority).await {
+                Ok(ok) => return Ok(ok),
+                Err(SendError {
+                    request: Some(unsent),
+                    error,
+                    tls: None,
+                    ..
+                }) if reused && !fresh_connection => {
+                    tracing::debug!(error = %error, "pooled connection was closed; retrying on a new one");
+                    req = unsent;
+                    fresh_connection = true;
+                }
+                Err(e) if e.refused_unprocessed && refusals < REFUSED_RETRIES => {
+                    let Some((head, bytes)) = backup.clone() else {
+                        return Err(self.classify(
+                            e,
+                            &who(),
+                            "and its body was too large to keep for a second try",
+                        ));
+                    };
+                    refusals += 1;
+                    tracing::debug!(error = %e.error, refusals, "the upstream refused the stream unprocessed; sending it again");
+                    req = head.into_request(RequestBody::Full(Some(bytes)));
+                    fresh_connection = false;
+                }
+                Err(e) => return Err(self.classify(e, &who(), "on every try")),
+            }
+        }
     }
 
     /// The request as it goes upstream: base path + path and query byte for byte, hop-by-hop
@@ -258,7 +304,7 @@ impl Proxy {
         Request::from_parts(parts, body)
     }
 
-    fn classify(&self, failed: SendError, who: &str) -> ProxyError {
+    fn classify(&self, failed: SendError, who: &str, refused_why: &str) -> ProxyError {
         let target = format!("{}:{}", self.target.host, self.target.port);
         let err = failed.error;
         // The connection's own record comes first: HTTP/2 errors do not carry their cause.
@@ -275,11 +321,57 @@ impl Proxy {
                 }
             };
         }
+        if failed.refused_unprocessed {
+            return ProxyError::UpstreamUnreachable(format!(
+                "{target} closed the HTTP/2 connection (GOAWAY) before processing this request, \
+                 {refused_why}"
+            ));
+        }
         if err.is_incomplete_message() || err.is_canceled() {
             return ProxyError::UpstreamUnreachable(format!(
                 "{target} closed the connection before answering"
             ));
         }
         ProxyError::UpstreamUnreachable(format!("exchange with {target} failed: {err}"))
+    }
+}
+
+/// Request head, kept apart from the body so a refused request can be rebuilt.
+#[derive(Clone)]
+struct Head {
+    method: Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn into_request(self, body: RequestBody) -> Request<RequestBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// Bodies up to this size (Vero API's JSON requests are far smaller) are read whole first, so
+/// a request refused unprocessed can be sent again.
+const KEPT_BODY_MAX: u64 = 64 * 1024;
+
+/// How often a request refused unprocessed by an HTTP/2 server is sent again.
+const REFUSED_RETRIES: u32 = 3;
+
+async fn read_small_body(body: Incoming) -> Result<RequestBody, ProxyError> {
+    use http_body::Body as _;
+    match body.size_hint().exact() {
+        Some(n) if n <= KEPT_BODY_MAX => {
+            let collected = http_body_util::BodyExt::collect(body).await.map_err(|e| {
+                ProxyError::ClientBodyIncomplete(format!(
+                    "the request body ended early ({e}); nothing was sent upstream"
+                ))
+            })?;
+            Ok(RequestBody::Full(Some(collected.to_bytes())))
+        }
+        _ => Ok(RequestBody::Stream(body)),
     }
 }

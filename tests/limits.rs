@@ -317,3 +317,68 @@ async fn the_pool_is_replaced_after_the_max_connection_age() {
         "the second request should use a connection of the new pool"
     );
 }
+
+#[tokio::test]
+async fn http2_connections_the_upstream_closes_are_replaced_without_a_storm() {
+    // The upstream closes each HTTP/2 connection gracefully (GOAWAY) after 20 requests. Requests
+    // arriving meanwhile wait for the one new connection instead of each opening their own.
+    // (Refused streams and their replay are tested against nginx in tests/nginx.rs.)
+    let pki = Pki::new();
+    let lab = std::sync::Arc::new(Lab::default());
+    let server = pki.ca.server(&["localhost"]).unwrap();
+    let cfg =
+        vero_proxy::demo::standin::server_config(&server, &[&pki.ca.ca_pem], &[b"h2"]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up =
+        vero_proxy::demo::standin::start_closing_after(listener, cfg, lab_handler(lab.clone()), 20)
+            .unwrap();
+    let proxy = start_proxy(proxy_args(
+        &pki,
+        &format!("https://localhost:{}", up.addr.port()),
+        &[],
+    ))
+    .await;
+    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
+        panic!()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        tasks.push(tokio::spawn(async move {
+            let mut bad = Vec::new();
+            for j in 0..25 {
+                let body = format!("{{\"n\":{}}}", i * 100 + j);
+                let req = Request::post("/x")
+                    .header("host", "localhost")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                let a = send(addr, req).await;
+                if a.status != 200 {
+                    bad.push(String::from_utf8_lossy(&a.body).into_owned());
+                }
+            }
+            bad
+        }));
+    }
+    let mut bad = Vec::new();
+    for t in tasks {
+        bad.extend(t.await.unwrap());
+    }
+    let handshakes = up.handshakes.load(Ordering::SeqCst);
+    println!(
+        "800 requests, GOAWAY every 20: {} failed, {handshakes} handshakes",
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} failed, first: {:?}",
+        bad.len(),
+        bad.first()
+    );
+    // Each request went upstream once: nothing was replayed that the upstream had processed.
+    assert_eq!(lab.received().len(), 800);
+    // One connection per 20 requests, give or take: not one per waiting request.
+    assert!(
+        handshakes <= 800 / 20 * 2,
+        "{handshakes} handshakes for 800 requests"
+    );
+}

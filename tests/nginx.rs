@@ -21,6 +21,11 @@ impl Drop for Nginx {
 }
 
 async fn start_nginx(pki: &Pki) -> (Nginx, u16) {
+    start_nginx_with(pki, "").await
+}
+
+/// nginx with `extra` directives in its server block.
+async fn start_nginx_with(pki: &Pki, extra: &str) -> (Nginx, u16) {
     let dir = pki.dir.path();
     let server = pki.ca.server(&["localhost"]).unwrap();
     std::fs::write(dir.join("server.pem"), &server.cert_pem).unwrap();
@@ -43,6 +48,7 @@ http {{
     listen 127.0.0.1:{port} ssl http2;
     ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key;
     ssl_client_certificate {d}/ca.pem; ssl_verify_client on;
+    {extra}
     location / {{
       default_type application/json;
       return 200 '{{"dn":"$ssl_client_s_dn","uri":"$request_uri","host":"$http_host","via":"$http_via","key":"$http_vero_softwarekey","proto":"$server_protocol","sni":"$ssl_server_name"}}';
@@ -140,4 +146,56 @@ async fn nginx_refusing_a_foreign_certificate_is_passed_through() {
     .await;
     assert_eq!(a.status, 400);
     assert!(!a.headers.contains_key("x-vero-proxy-error"));
+}
+
+#[tokio::test]
+#[ignore = "needs nginx"]
+async fn nginx_closing_http2_connections_every_200_requests_fails_nothing() {
+    // keepalive_requests makes nginx send GOAWAY; streams the proxy opened after it are refused
+    // unprocessed and must be sent again, not answered 502.
+    let pki = Pki::new();
+    let (_nginx, port) = start_nginx_with(&pki, "keepalive_requests 200;").await;
+    let proxy = start_proxy(proxy_args(&pki, &format!("https://localhost:{port}"), &[])).await;
+    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
+        panic!()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut tx, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut bad = Vec::new();
+            for j in 0..50 {
+                tx.ready().await.unwrap();
+                let req = Request::post(format!("/x?n={i}-{j}"))
+                    .header("host", "localhost")
+                    .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
+                    .unwrap();
+                let resp = tx.send_request(req).await.unwrap();
+                let status = resp.status();
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                if status != 200 {
+                    bad.push(String::from_utf8_lossy(&body).into_owned());
+                }
+            }
+            bad
+        }));
+    }
+    let mut bad = Vec::new();
+    for t in tasks {
+        bad.extend(t.await.unwrap());
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of 3200 failed, first: {:?}",
+        bad.len(),
+        bad.first()
+    );
 }

@@ -120,6 +120,18 @@ pub fn start_on(
     cfg: Arc<ServerConfig>,
     handler: Handler,
 ) -> std::io::Result<StandIn> {
+    start_closing_after(listener, cfg, handler, usize::MAX)
+}
+
+/// Starts serving, closing each connection gracefully after `max_requests` requests, as nginx
+/// does (`keepalive_requests`); over HTTP/2 that is a GOAWAY, and streams the client opens
+/// after it are refused unprocessed.
+pub fn start_closing_after(
+    listener: TcpListener,
+    cfg: Arc<ServerConfig>,
+    handler: Handler,
+    max_requests: usize,
+) -> std::io::Result<StandIn> {
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
     let handshakes = Arc::new(AtomicU64::new(0));
@@ -142,12 +154,24 @@ pub fn start_on(
                 };
                 let n = count.fetch_add(1, Ordering::Relaxed) + 1;
                 let seen = seen_of(tls.get_ref().1, n);
+                let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let enough = Arc::new(tokio::sync::Notify::new());
+                let (served2, enough2) = (served.clone(), enough.clone());
                 let svc = service_fn(move |req| {
+                    if served2.fetch_add(1, Ordering::SeqCst) + 1 == max_requests {
+                        enough2.notify_one();
+                    }
                     let fut = handler(seen.clone(), req);
                     async move { Ok::<_, std::convert::Infallible>(fut.await) }
                 });
                 let builder = auto::Builder::new(TokioExecutor::new());
                 let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = stop.cancelled() => return,
+                    _ = enough.notified() => conn.as_mut().graceful_shutdown(),
+                }
                 tokio::select! {
                     _ = conn => {},
                     _ = stop.cancelled() => {},

@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use super::tls::{classify_tls, AlertProbe, TlsFailure};
+use crate::body::RequestBody;
 use crate::cli::UpstreamProtocol;
 use crate::config::UpstreamTarget;
 use crate::error::ProxyError;
@@ -104,9 +105,9 @@ pub struct PoolSettings {
 /// A request sender on one upstream connection.
 pub enum Sender {
     /// HTTP/1.1: one request at a time; goes back to the pool when its response body ends.
-    H1(http1::SendRequest<Incoming>),
+    H1(http1::SendRequest<RequestBody>),
     /// HTTP/2: shared by all requests.
-    H2(http2::SendRequest<Incoming>),
+    H2(http2::SendRequest<RequestBody>),
 }
 
 /// A connection taken from the pool for one request.
@@ -120,7 +121,7 @@ pub struct Conn {
 
 /// Hands an HTTP/1.1 connection back to its pool once the response body has ended.
 pub struct Return {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     failure: TlsFailure,
     pool: Weak<Inner>,
 }
@@ -139,9 +140,28 @@ pub struct SendError {
     /// What failed.
     pub error: hyper::Error,
     /// The request, when it was not sent at all and may be sent again.
-    pub request: Option<Request<Incoming>>,
+    pub request: Option<Request<RequestBody>>,
     /// The TLS error seen on the connection, if any (an alert refusing our certificate).
     pub tls: Option<rustls::Error>,
+    /// An HTTP/2 server refused the stream unprocessed (graceful GOAWAY beyond its last
+    /// stream id, or REFUSED_STREAM): the request may be sent again, if its body was kept.
+    pub refused_unprocessed: bool,
+}
+
+/// Whether an HTTP/2 failure guarantees the server did not process the request (RFC 9113
+/// section 8.7): a stream beyond a graceful GOAWAY's last id, or REFUSED_STREAM.
+fn refused_unprocessed(err: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Counters for tests and the benchmark.
@@ -152,14 +172,16 @@ pub struct PoolStats {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     failure: TlsFailure,
     since: Instant,
 }
 
 struct State {
     idle: Vec<Idle>,
-    h2: Option<(http2::SendRequest<Incoming>, TlsFailure)>,
+    /// An HTTP/2 connection is being made: others wait for it rather than each making one.
+    h2_connecting: bool,
+    h2: Option<(http2::SendRequest<RequestBody>, TlsFailure)>,
 }
 
 struct Inner {
@@ -169,8 +191,17 @@ struct Inner {
     state: Mutex<State>,
     retired: AtomicBool,
     stats: PoolStats,
-    /// Woken whenever a connection is parked idle.
+    /// Woken whenever a connection is parked idle (or an HTTP/2 connect ends).
     parked: tokio::sync::Notify,
+    /// The upstream answered the last connect with HTTP/2.
+    speaks_h2: AtomicBool,
+}
+
+/// What a request gets when it asks for a connection.
+enum Checkout {
+    Ready(Conn),
+    WaitForH2,
+    Connect,
 }
 
 /// A pool of connections for one identity. Cheap to share: clone the `Arc` around it.
@@ -193,11 +224,13 @@ impl Pool {
             server_name,
             state: Mutex::new(State {
                 idle: Vec::new(),
+                h2_connecting: false,
                 h2: None,
             }),
             retired: AtomicBool::new(false),
             stats: PoolStats::default(),
             parked: tokio::sync::Notify::new(),
+            speaks_h2: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);
         let every = (inner.settings.idle_timeout / 2).max(Duration::from_millis(500));
@@ -226,8 +259,14 @@ impl Pool {
                 tokio::pin!(parked);
                 // Registered before looking, so a connection parked in between is not missed.
                 parked.as_mut().enable();
-                if let Some(conn) = self.inner.take_idle() {
-                    return Ok(Err(conn));
+                let waiting_for_h2 = match self.inner.take_idle_or_claim_h2() {
+                    Checkout::Ready(conn) => return Ok(Err(conn)),
+                    Checkout::WaitForH2 => true,
+                    Checkout::Connect => false,
+                };
+                if waiting_for_h2 {
+                    parked.await;
+                    continue;
                 }
                 tokio::select! {
                     slot = self.inner.settings.conn_limit.acquire() => {
@@ -237,9 +276,13 @@ impl Pool {
                 }
             }
         };
-        match self.wait_for_slot(wait).await? {
-            Err(idle) => Ok(idle),
-            Ok(slot) => Inner::connect_with(&self.inner, slot).await,
+        match self.wait_for_slot(wait).await {
+            Ok(Err(idle)) => Ok(idle),
+            Ok(Ok(slot)) => Inner::connect_with(&self.inner, slot).await,
+            Err(e) => {
+                self.inner.end_h2_connect();
+                Err(e)
+            }
         }
     }
 
@@ -331,6 +374,42 @@ impl Pool {
 }
 
 impl Inner {
+    /// An idle connection; else, for an HTTP/2 upstream, either the right to make the one new
+    /// connection or word to wait for whoever is making it.
+    fn take_idle_or_claim_h2(self: &Arc<Self>) -> Checkout {
+        if let Some(conn) = self.take_idle() {
+            return Checkout::Ready(conn);
+        }
+        if !self.speaks_h2.load(Ordering::Relaxed) {
+            return Checkout::Connect;
+        }
+        let Ok(mut st) = self.state.lock() else {
+            return Checkout::Connect;
+        };
+        if st.h2_connecting {
+            Checkout::WaitForH2
+        } else {
+            st.h2_connecting = true;
+            Checkout::Connect
+        }
+    }
+
+    fn end_h2_connect(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.h2_connecting = false;
+        }
+        self.parked.notify_waiters();
+    }
+
+    /// Stops handing out an HTTP/2 connection the server is closing (after a GOAWAY).
+    fn forget_h2(&self, failure: &TlsFailure) {
+        if let Ok(mut st) = self.state.lock() {
+            if st.h2.as_ref().is_some_and(|(_, f)| Arc::ptr_eq(f, failure)) {
+                st.h2 = None;
+            }
+        }
+    }
+
     fn take_idle(self: &Arc<Self>) -> Option<Conn> {
         let mut st = self.state.lock().ok()?;
         if let Some((h2, failure)) = &st.h2 {
@@ -360,7 +439,7 @@ impl Inner {
         None
     }
 
-    fn checkin(self: &Arc<Self>, sender: http1::SendRequest<Incoming>, failure: TlsFailure) {
+    fn checkin(self: &Arc<Self>, sender: http1::SendRequest<RequestBody>, failure: TlsFailure) {
         if self.retired.load(Ordering::Relaxed) || sender.is_closed() {
             return;
         }
@@ -385,8 +464,15 @@ impl Inner {
         }
     }
 
-    /// TCP + TLS + HTTP handshake on a connection place already taken.
+    /// TCP + TLS + HTTP handshake on a connection place already taken; then wakes whoever
+    /// waits for an HTTP/2 connection.
     async fn connect_with(self: &Arc<Self>, permit: ConnSlot) -> Result<Conn, ProxyError> {
+        let made = self.connect_inner(permit).await;
+        self.end_h2_connect();
+        made
+    }
+
+    async fn connect_inner(self: &Arc<Self>, permit: ConnSlot) -> Result<Conn, ProxyError> {
         let s = &self.settings;
         let target = format!("{}:{}", s.target.host, s.target.port);
         let work = async {
@@ -408,6 +494,7 @@ impl Inner {
             })??;
         self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.speaks_h2.store(h2, Ordering::Relaxed);
         if s.protocol == UpstreamProtocol::Http2 && !h2 {
             return Err(ProxyError::UpstreamUnreachable(format!(
                 "{target} did not agree to HTTP/2 (--upstream-protocol http2); use auto or http1"
@@ -420,7 +507,7 @@ impl Inner {
         if h2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .handshake::<_, Incoming>(io)
+                .handshake::<_, RequestBody>(io)
                 .await
                 .map_err(|e| {
                     ProxyError::UpstreamUnreachable(format!("HTTP/2 with {target} failed: {e}"))
@@ -441,7 +528,7 @@ impl Inner {
             })
         } else {
             let (sender, conn) = http1::Builder::new()
-                .handshake::<_, Incoming>(io)
+                .handshake::<_, RequestBody>(io)
                 .await
                 .map_err(|e| {
                     ProxyError::UpstreamUnreachable(format!("HTTP/1.1 with {target} failed: {e}"))
@@ -500,7 +587,7 @@ impl Conn {
     /// For HTTP/1.1, also returns the handle that gives the connection back after the body ends.
     pub async fn send(
         self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         authority: &http::uri::Authority,
     ) -> Result<(Response<Incoming>, Option<Return>), SendError> {
         let pq = req
@@ -522,6 +609,7 @@ impl Conn {
                         request: Some(req),
                         error,
                         tls: self.failure.get().cloned(),
+                        refused_unprocessed: false,
                     });
                 }
                 let fut = tx.try_send_request(req);
@@ -538,6 +626,7 @@ impl Conn {
                         request: e.take_message(),
                         error: e.into_error(),
                         tls: self.failure.get().cloned(),
+                        refused_unprocessed: false,
                     }),
                 }
             }
@@ -549,11 +638,22 @@ impl Conn {
                 *req.uri_mut() = Uri::try_from(uri).unwrap_or_else(|_| Uri::from_static("/"));
                 match tx.try_send_request(req).await {
                     Ok(resp) => Ok((resp, None)),
-                    Err(mut e) => Err(SendError {
-                        request: e.take_message(),
-                        error: e.into_error(),
-                        tls: self.failure.get().cloned(),
-                    }),
+                    Err(mut e) => {
+                        let request = e.take_message();
+                        let error = e.into_error();
+                        let refused = refused_unprocessed(&error);
+                        if refused {
+                            if let Some(pool) = self.pool.upgrade() {
+                                pool.forget_h2(&self.failure);
+                            }
+                        }
+                        Err(SendError {
+                            request,
+                            error,
+                            tls: self.failure.get().cloned(),
+                            refused_unprocessed: refused,
+                        })
+                    }
                 }
             }
         }

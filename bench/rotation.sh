@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Throughput while the client certificate is rotated every second, against the steady rate,
+# and the requests lost meanwhile. Loopback only; bounded in time (about 30 s of load).
+#
+#   bench/rotation.sh            # needs nginx, wrk, openssl (installed with apt-get if missing)
+#
+# Layout: vero-proxy pinned to CPU 0; nginx (the mTLS upstream, ssl_verify_client on) and wrk
+# on CPU 1. The identity is a Kubernetes-style secret volume (..data symlink swapped), so the
+# reload is driven by file events, as in a pod.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${SECS:-10}
+conns=${CONNS:-64}
+
+for tool in nginx wrk openssl; do
+  if ! command -v "$tool" >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk openssl >/dev/null
+    break
+  fi
+done
+cargo build --release --quiet
+bin=target/release/vero-proxy
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+cd "$work"
+
+# Test PKI: one CA, a server certificate for localhost, 12 client certificates.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 \
+  -subj "/CN=bench CA" -addext basicConstraints=critical,CA:TRUE 2>/dev/null
+issue() { # name subject ext
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+  printf '%s\n' "$3" > "$1.ext"
+  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+}
+issue server "/CN=localhost" "subjectAltName=DNS:localhost"
+for i in $(seq 0 11); do issue "client$i" "/CN=1234567-1/O=Bench Oy/C=FI" "extendedKeyUsage=clientAuth"; done
+
+head -c 2048 /dev/zero | tr '\0' 'x' > body.json
+port=$((20000 + RANDOM % 20000))
+cat > nginx.conf <<NGINX
+daemon off; master_process off; worker_processes 1; error_log $work/error.log; pid $work/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log $work/access.log serial;
+  log_format serial '\$ssl_client_serial';
+  keepalive_requests 1000000;
+  client_body_temp_path $work/t1; proxy_temp_path $work/t2; fastcgi_temp_path $work/t3; uwsgi_temp_path $work/t4; scgi_temp_path $work/t5;
+  server {
+    listen 127.0.0.1:$port ssl;
+    ssl_certificate $work/server.pem; ssl_certificate_key $work/server.key;
+    ssl_client_certificate $work/ca.pem; ssl_verify_client on;
+    location / { default_type application/json; alias $work/body.json; }
+  }
+}
+NGINX
+taskset -c 1 nginx -p "$work" -c "$work/nginx.conf" & pids+=($!)
+
+# The identity as a Kubernetes secret volume mounts it.
+mkdir vol
+publish() { # n
+  local d="vol/..gen$1"; mkdir "$d"; cp "client$1.pem" "$d/tls.crt"; cp "client$1.key" "$d/tls.key"
+  ln -sfn "..gen$1" vol/..data_tmp && mv -T vol/..data_tmp vol/..data
+}
+publish 0; ln -s ..data/tls.crt vol/tls.crt; ln -s ..data/tls.key vol/tls.key
+
+listen=127.0.0.1:$((port + 1))
+VERO_PROXY_LOG=warn taskset -c 0 "$OLDPWD/$bin" --listen "$listen" --admin-listen 127.0.0.1:$((port + 2)) \
+  --upstream "https://localhost:$port" --identity-dir vol --ca-file ca.pem \
+  --max-upstream-concurrency $((conns * 2)) --upstream-protocol http1 2> proxy.log & pids+=($!)
+for _ in $(seq 100); do curl -fs "http://$listen/x" -o /dev/null && break; sleep 0.1; done
+
+run_wrk() { taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency "http://$listen/x"; }
+rate() { awk '/Requests\/sec/ {print $2}' "$1"; }
+bad() { awk '/Non-2xx/ {n+=$5} /Socket errors/ {gsub(/,/,""); n+=$4+$6+$8+$10} END {print n+0}' "$1"; }
+
+run_wrk > steady.txt
+: > access.log
+run_wrk > rotating.txt &
+wrk_pid=$!
+for i in $(seq 1 $((secs - 1))); do sleep 1; publish "$i"; done
+wait "$wrk_pid"
+
+steady=$(rate steady.txt); rotating=$(rate rotating.txt)
+identities=$(sort -u access.log | wc -l)
+echo
+echo "| phase | requests/s | failed requests | client certificates seen upstream |"
+echo "|---|---|---|---|"
+echo "| steady | $steady | $(bad steady.txt) | 1 |"
+echo "| rotating every 1 s | $rotating | $(bad rotating.txt) | $identities |"
+awk -v a="$rotating" -v b="$steady" 'BEGIN { printf "\nthroughput while rotating: %.0f%% of steady (target: 90%% or more)\n", 100 * a / b }'
+echo "$(nproc) CPUs, $(uname -m), vero-proxy on CPU 0, nginx and wrk on CPU 1, $conns connections, 2 KiB answers, HTTP/1.1 upstream"
