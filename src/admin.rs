@@ -29,7 +29,7 @@ pub struct AdminState {
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::full(body.to_string()));
+    let mut r = Response::new(ProxyBody::full(body.to_string() + "\n"));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

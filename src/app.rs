@@ -63,7 +63,22 @@ pub fn read_added_headers(specs: &[AddHeader]) -> anyhow::Result<Vec<(HeaderName
                     let raw = std::fs::read_to_string(path).map_err(|e| {
                         anyhow::anyhow!("cannot read the value of --add-header {} from {}: {e}", h.name, path.display())
                     })?;
-                    let first = raw.lines().next().unwrap_or("").trim_end_matches('\r');
+                    // Exactly one line: an empty value or a second line is a mistake that
+                    // would otherwise send an empty or truncated key.
+                    let mut lines: Vec<&str> = raw.lines().map(|l| l.trim_end_matches('\r')).collect();
+                    while lines.last() == Some(&"") {
+                        lines.pop();
+                    }
+                    let first = match lines.as_slice() {
+                        [one] if !one.is_empty() => *one,
+                        [] | [""] => anyhow::bail!("{} is empty; it should hold the value for --add-header {}", path.display(), h.name),
+                        _ => anyhow::bail!(
+                            "{} holds {} lines; it should hold only the value for --add-header {} on one line",
+                            path.display(),
+                            lines.len(),
+                            h.name
+                        ),
+                    };
                     HeaderValue::from_str(first).map_err(|_| {
                         anyhow::anyhow!(
                             "{}: the value for --add-header {} has characters not allowed in a header",
@@ -81,6 +96,9 @@ pub fn read_added_headers(specs: &[AddHeader]) -> anyhow::Result<Vec<(HeaderName
 /// Loads the identity, binds the listeners and starts serving.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     let provider = tls::provider();
     let roots = tls::trust_anchors(cfg.ca_file.as_deref())?;
     let ident = identity::load(&cfg.identity, &provider, SystemTime::now())?;

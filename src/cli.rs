@@ -48,7 +48,7 @@ pub struct RunArgs {
 
     /// Allow the main listener on a non-loopback address: whoever reaches it acts with the
     /// organisation's certificate.
-    #[arg(long, env = "VERO_PROXY_ALLOW_REMOTE_CLIENTS")]
+    #[arg(long, env = "VERO_PROXY_ALLOW_REMOTE_CLIENTS", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_remote_clients: bool,
 
     /// Vero API base URL, or one of: test, production, sandbox.
@@ -115,11 +115,16 @@ pub struct RunArgs {
     pub allowed_hosts: Vec<String>,
 
     /// 'NAME: VALUE' or 'NAME: @PATH' (value read from the file): set on every forwarded request.
-    #[arg(long = "add-header", env = "VERO_PROXY_ADD_HEADER")]
+    /// Repeatable; in VERO_PROXY_ADD_HEADER, one header per line.
+    #[arg(
+        long = "add-header",
+        env = "VERO_PROXY_ADD_HEADER",
+        value_delimiter = '\n'
+    )]
     pub add_headers: Vec<String>,
 
     /// HTTP version towards the upstream.
-    #[arg(long, env = "VERO_PROXY_UPSTREAM_PROTOCOL", value_enum, default_value_t = UpstreamProtocol::Auto)]
+    #[arg(long, env = "VERO_PROXY_UPSTREAM_PROTOCOL", value_enum, ignore_case = true, default_value_t = UpstreamProtocol::Auto)]
     pub upstream_protocol: UpstreamProtocol,
 
     /// Most requests in flight to the upstream at once (Vero recommends at most 50-125).
@@ -182,8 +187,13 @@ pub struct RunArgs {
     #[arg(long, env = "VERO_PROXY_SHUTDOWN_GRACE", default_value = "30s")]
     pub shutdown_grace: String,
 
+    /// Log level or filter (error, warn, info, debug, or a tracing filter such as
+    /// `info,vero_proxy=debug`); else VERO_PROXY_LOG, else RUST_LOG, else info.
+    #[arg(long, env = "VERO_PROXY_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
     /// Log format.
-    #[arg(long, env = "VERO_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "VERO_PROXY_LOG_FORMAT", value_enum, ignore_case = true, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 

@@ -109,6 +109,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// Settings that work but are probably not what the operator wants; logged at start.
+    pub warnings: Vec<String>,
 }
 
 /// A flag or variable with a value that cannot be used; the message says what to fix.
@@ -193,8 +195,14 @@ impl Config {
                 &args.upstream_queue_timeout,
                 "--upstream-queue-timeout",
             )?,
-            connect_timeout: parse_duration(&args.connect_timeout, "--connect-timeout")?,
-            response_timeout: parse_duration(&args.response_timeout, "--response-timeout")?,
+            connect_timeout: nonzero(
+                parse_duration(&args.connect_timeout, "--connect-timeout")?,
+                "--connect-timeout",
+            )?,
+            response_timeout: nonzero(
+                parse_duration(&args.response_timeout, "--response-timeout")?,
+                "--response-timeout",
+            )?,
             upstream_idle_timeout: parse_duration(
                 &args.upstream_idle_timeout,
                 "--upstream-idle-timeout",
@@ -214,8 +222,45 @@ impl Config {
             )?,
             shutdown_grace: parse_duration(&args.shutdown_grace, "--shutdown-grace")?,
             log_format: args.log_format,
+            warnings: advice(args),
         })
     }
+}
+
+fn nonzero(d: Duration, flag: &str) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(bad(format!("{flag} must be longer than zero")));
+    }
+    Ok(d)
+}
+
+/// Settings that are allowed but deserve a word.
+fn advice(args: &RunArgs) -> Vec<String> {
+    let mut out = Vec::new();
+    if args.max_upstream_concurrency > 125 {
+        out.push(format!(
+            "--max-upstream-concurrency {} is above the 50-125 simultaneous calls the Tax Administration \
+             recommends; it answers 429/403 under heavy load and may block clients it suspects of abuse",
+            args.max_upstream_concurrency
+        ));
+    }
+    let unix = args.listen.starts_with("unix:");
+    if unix
+        && u32::from_str_radix(args.listen_mode.trim_start_matches("0o"), 8)
+            .is_ok_and(|m| m & 0o006 != 0)
+    {
+        out.push(format!(
+            "--listen-mode {} lets every local user reach the socket and act with the organisation's certificate",
+            args.listen_mode
+        ));
+    }
+    if !unix && args.listen_mode != "0660" {
+        out.push(
+            "--listen-mode applies to unix: sockets only; it is ignored for a TCP listener"
+                .to_string(),
+        );
+    }
+    out
 }
 
 /// Which of --cert, --identity-dir and --pkcs12 was given, with what goes with it.
@@ -315,13 +360,27 @@ pub fn parse_duration(s: &str, flag: &str) -> Result<Duration, ConfigError> {
 }
 
 /// Resolves `test` / `production` / `sandbox` or an `https://` URL into the upstream target.
-pub fn parse_upstream(s: &str) -> Result<UpstreamTarget, ConfigError> {
-    let url = match s {
+pub fn parse_upstream(raw: &str) -> Result<UpstreamTarget, ConfigError> {
+    // Env files often carry a stray space; the shortcuts are case-insensitive.
+    let s = raw.trim();
+    let url = match s.to_ascii_lowercase().as_str() {
         "test" => "https://apitest.vero.fi",
         "production" | "prod" => "https://api.vero.fi",
         "sandbox" => "https://api-sandbox.vero.fi",
-        other => other,
+        _ => s,
     };
+    if !url.contains("://") && !url.contains('.') && !url.contains(':') {
+        let near = ["test", "production", "sandbox"]
+            .into_iter()
+            .find(|w| strsim::damerau_levenshtein(w, &s.to_ascii_lowercase()) <= 2);
+        let hint = near
+            .map(|w| format!("did you mean {w}? "))
+            .unwrap_or_default();
+        return Err(bad(format!(
+            "--upstream {s:?} is neither a URL nor one of test, production, sandbox; {hint}\
+             (a URL looks like https://apitest.vero.fi)"
+        )));
+    }
     let uri: Uri = url.parse().map_err(|e| {
         bad(format!(
             "--upstream {s:?} is not a URL ({e}); write it as https://api.vero.fi"
@@ -359,7 +418,28 @@ pub fn parse_upstream(s: &str) -> Result<UpstreamTarget, ConfigError> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
+    if authority.port().is_none()
+        && authority
+            .as_str()
+            .rsplit_once(']')
+            .map_or(authority.as_str(), |(_, p)| p)
+            .contains(':')
+    {
+        return Err(bad(format!(
+            "--upstream {s:?}: the port must be a number from 1 to 65535"
+        )));
+    }
+    if uri.to_string().contains('#') || raw.contains('#') {
+        return Err(bad(format!(
+            "--upstream {s:?}: a #fragment means nothing in the base URL; remove it"
+        )));
+    }
     let port = authority.port_u16().unwrap_or(443);
+    if port == 0 {
+        return Err(bad(format!(
+            "--upstream {s:?}: the port must be a number from 1 to 65535"
+        )));
+    }
     let base_path = uri.path().trim_end_matches('/').to_string();
     Ok(UpstreamTarget {
         host,
@@ -386,6 +466,9 @@ pub fn parse_add_header(s: &str) -> Result<AddHeader, ConfigError> {
         )));
     }
     let value = value.trim();
+    if value.is_empty() {
+        return Err(bad(format!("--add-header {name}: the value is empty")));
+    }
     let value = match value.strip_prefix('@') {
         Some(path) if !path.is_empty() => HeaderSource::File(PathBuf::from(path)),
         Some(_) => {
@@ -444,6 +527,36 @@ mod tests {
         assert_eq!(t.authority.as_str(), "example.test:8443");
         let t = parse_upstream("https://[::1]:9443").unwrap();
         assert_eq!(t.host, "::1");
+    }
+
+    #[test]
+    fn upstream_spellings_ports_and_fragments() {
+        assert_eq!(parse_upstream(" TEST ").unwrap().host, "apitest.vero.fi");
+        assert!(parse_upstream("tset")
+            .unwrap_err()
+            .0
+            .contains("did you mean test?"));
+        for bad in [
+            "https://localhost:99999",
+            "https://localhost:",
+            "https://localhost:0",
+            "https://api.vero.fi#x",
+        ] {
+            assert!(parse_upstream(bad).is_err(), "{bad} was accepted");
+        }
+        assert_eq!(parse_upstream("https://[::1]:8443").unwrap().port, 8443);
+    }
+
+    #[test]
+    fn zero_timeouts_and_empty_header_values_are_refused() {
+        assert!(Config::from_args(&args(&["--connect-timeout", "0s"]))
+            .unwrap_err()
+            .0
+            .contains("--connect-timeout"));
+        assert!(Config::from_args(&args(&["--response-timeout", "0"])).is_err());
+        assert!(parse_add_header("Vero-SoftwareKey:").is_err());
+        let c = Config::from_args(&args(&["--max-upstream-concurrency", "500"])).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("50-125")));
     }
 
     #[test]

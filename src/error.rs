@@ -102,7 +102,8 @@ impl ProxyError {
             "message": self.to_string(),
             "request_id": request_id,
         });
-        let mut resp = Response::new(Bytes::from(body.to_string()));
+        // A trailing newline, so curl output does not run into the shell prompt.
+        let mut resp = Response::new(Bytes::from(body.to_string() + "\n"));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(

@@ -4,15 +4,29 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vero_proxy::cli::{Cli, Command, LogFormat};
 
-fn init_logging(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_env("VERO_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use std::io::IsTerminal;
+    let wanted = level
+        .map(str::to_owned)
+        .or_else(|| std::env::var("VERO_PROXY_LOG").ok())
+        .or_else(|| std::env::var("RUST_LOG").ok());
+    // A typo must not silence the proxy: fall back to info and say so.
+    let (filter, rejected) = match wanted.as_deref().map(EnvFilter::try_new) {
+        Some(Ok(f)) => (f, None),
+        Some(Err(e)) => (EnvFilter::new("info"), wanted.clone().map(|w| (w, e))),
+        None => (EnvFilter::new("info"), None),
+    };
+    // Colours only for a person at a terminal, never into journald, docker logs or files.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    if let Some((w, e)) = rejected {
+        tracing::warn!("log level {w:?} is not understood ({e}); logging at info");
     }
 }
 
@@ -21,7 +35,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Demo(args)) => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, None);
             vero_proxy::demo::run(args).await
         }
         Some(Command::Run(args)) => run(*args).await,
@@ -37,7 +51,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(mut args: vero_proxy::cli::RunArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    init_logging(args.log_format, args.log_level.as_deref());
     // Deliberately an environment variable and never a flag: a flag would show in `ps`.
     args.pkcs12_password_env = std::env::var("VERO_PROXY_PKCS12_PASSWORD")
         .ok()

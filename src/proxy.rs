@@ -145,10 +145,10 @@ impl Proxy {
         // Never the query string: it can carry personal identity codes.
         match &outcome {
             None => {
-                tracing::info!(target: "access", request_id = %id, %method, %path, status = resp.status().as_u16(), ms = format_args!("{ms:.1}"))
+                tracing::info!(target: "access", request_id = %id, %method, %path, status = resp.status().as_u16(), ms = (ms * 10.0).round() / 10.0)
             }
             Some(e) => {
-                tracing::warn!(target: "access", request_id = %id, %method, %path, status = resp.status().as_u16(), error = e.code(), ms = format_args!("{ms:.1}"), "{e}")
+                tracing::warn!(target: "access", request_id = %id, %method, %path, status = resp.status().as_u16(), error = e.code(), ms = (ms * 10.0).round() / 10.0, "{e}")
             }
         }
         resp

@@ -98,7 +98,7 @@ pub enum IdentityError {
         key: PathBuf,
     },
     /// Past notAfter.
-    #[error("the certificate in {path} expired on {not_after}: renew it (Vero certificates can be renewed from 60 days before expiry) or request a new one")]
+    #[error("the certificate in {path} expired on {not_after}; an expired Vero certificate cannot be renewed: request a new one (new transfer IDs from the certificate service) and point the proxy at it")]
     Expired {
         /// File.
         path: PathBuf,
@@ -280,11 +280,21 @@ fn read_material(source: &IdentitySource) -> Result<Material, IdentityError> {
                 }
                 None => (cert_path.clone(), cert_pem.clone()),
             };
+            if cert_pem.first() == Some(&0x30) {
+                return Err(IdentityError::Malformed {
+                    path: cert_path,
+                    reason: "this is a binary (DER or PKCS#12) file, not PEM: give a .p12/.pfx with --pkcs12, \
+                             or convert a DER certificate with `openssl x509 -inform der -in FILE -out cert.pem`"
+                        .into(),
+                });
+            }
             let chain = CertificateDer::pem_slice_iter(&cert_pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| IdentityError::Malformed {
                     path: cert_path.clone(),
-                    reason: format!("bad PEM: {e}"),
+                    reason: format!(
+                        "is not a valid PEM file ({e}); check that it was copied whole"
+                    ),
                 })?;
             if chain.is_empty() {
                 return Err(IdentityError::NoCertificate { path: cert_path });
