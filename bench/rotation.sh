@@ -5,7 +5,7 @@
 #   bench/rotation.sh            # needs nginx, wrk, openssl (installed with apt-get if missing)
 #
 # Layout: vero-proxy pinned to CPU 0; nginx (the mTLS upstream, ssl_verify_client on) and wrk
-# on CPU 1. The identity is a Kubernetes-style secret volume (..data symlink swapped), so the
+# on CPU 1. PROTO=auto for HTTP/2 to the upstream (default http1). The identity is a Kubernetes-style secret volume (..data symlink swapped), so the
 # reload is driven by file events, as in a pod.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,15 +44,15 @@ cat > nginx.conf <<NGINX
 daemon off; master_process off; worker_processes 1; error_log $work/error.log; pid $work/nginx.pid;
 events { worker_connections 4096; }
 http {
-  access_log $work/access.log serial;
   log_format serial '\$ssl_client_serial';
+  access_log $work/access.log serial;
   keepalive_requests 1000000;
   client_body_temp_path $work/t1; proxy_temp_path $work/t2; fastcgi_temp_path $work/t3; uwsgi_temp_path $work/t4; scgi_temp_path $work/t5;
   server {
-    listen 127.0.0.1:$port ssl;
+    listen 127.0.0.1:$port ssl http2;
     ssl_certificate $work/server.pem; ssl_certificate_key $work/server.key;
     ssl_client_certificate $work/ca.pem; ssl_verify_client on;
-    location / { default_type application/json; alias $work/body.json; }
+    location / { default_type application/json; root $work; try_files /body.json =404; }
   }
 }
 NGINX
@@ -69,7 +69,7 @@ publish 0; ln -s ..data/tls.crt vol/tls.crt; ln -s ..data/tls.key vol/tls.key
 listen=127.0.0.1:$((port + 1))
 VERO_PROXY_LOG=warn taskset -c 0 "$OLDPWD/$bin" --listen "$listen" --admin-listen 127.0.0.1:$((port + 2)) \
   --upstream "https://localhost:$port" --identity-dir vol --ca-file ca.pem \
-  --max-upstream-concurrency $((conns * 2)) --upstream-protocol http1 2> proxy.log & pids+=($!)
+  --max-upstream-concurrency $((conns * 2)) --upstream-protocol "${PROTO:-http1}" 2> proxy.log & pids+=($!)
 for _ in $(seq 100); do curl -fs "http://$listen/x" -o /dev/null && break; sleep 0.1; done
 
 run_wrk() { taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency "http://$listen/x"; }
@@ -91,4 +91,4 @@ echo "|---|---|---|---|"
 echo "| steady | $steady | $(bad steady.txt) | 1 |"
 echo "| rotating every 1 s | $rotating | $(bad rotating.txt) | $identities |"
 awk -v a="$rotating" -v b="$steady" 'BEGIN { printf "\nthroughput while rotating: %.0f%% of steady (target: 90%% or more)\n", 100 * a / b }'
-echo "$(nproc) CPUs, $(uname -m), vero-proxy on CPU 0, nginx and wrk on CPU 1, $conns connections, 2 KiB answers, HTTP/1.1 upstream"
+echo "$(nproc) CPUs, $(uname -m), vero-proxy on CPU 0, nginx and wrk on CPU 1, $conns connections, 2 KiB answers, upstream protocol ${PROTO:-http1}"
