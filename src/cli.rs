@@ -106,6 +106,29 @@ pub struct RunArgs {
     )]
     pub admin_listen: String,
 
+    /// Allow a non-loopback --admin-listen: remote peers get /healthz, /readyz and /metrics only
+    /// (Kubernetes probes, Prometheus); /status, /reload and / answer loopback peers only.
+    #[arg(long, env = "VERO_PROXY_ALLOW_REMOTE_ADMIN", value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_remote_admin: bool,
+
+    /// Days before expiry from which the certificate can be renewed (Vero: 60); from then a
+    /// warning is logged at load and daily.
+    #[arg(long, env = "VERO_PROXY_RENEWAL_WARNING_DAYS", default_value_t = 60)]
+    pub renewal_warning_days: u32,
+
+    /// Days before expiry from which the daily log line is an error.
+    #[arg(long, env = "VERO_PROXY_RENEWAL_CRITICAL_DAYS", default_value_t = 14)]
+    pub renewal_critical_days: u32,
+
+    /// Tunnel upstream connections through this HTTP proxy with CONNECT (http://HOST:PORT);
+    /// else HTTPS_PROXY / NO_PROXY when set.
+    #[arg(long, env = "VERO_PROXY_EGRESS_PROXY")]
+    pub egress_proxy: Option<String>,
+
+    /// File holding `user:password` for the egress proxy (basic authentication).
+    #[arg(long, env = "VERO_PROXY_EGRESS_PROXY_CREDENTIALS_FILE")]
+    pub egress_proxy_credentials_file: Option<PathBuf>,
+
     /// Host names, besides localhost and the loopback addresses, that requests may name in Host.
     #[arg(
         long = "allowed-host",
@@ -186,6 +209,11 @@ pub struct RunArgs {
     /// On SIGTERM or SIGINT, how long requests in flight may take to finish.
     #[arg(long, env = "VERO_PROXY_SHUTDOWN_GRACE", default_value = "30s")]
     pub shutdown_grace: String,
+
+    /// On SIGTERM, /readyz fails at once but the listener keeps accepting this long, so load
+    /// balancers stop sending before connections are refused.
+    #[arg(long, env = "VERO_PROXY_SHUTDOWN_DELAY", default_value = "0s")]
+    pub shutdown_delay: String,
 
     /// Log level or filter (error, warn, info, debug, or a tracing filter such as
     /// `info,vero_proxy=debug`); else VERO_PROXY_LOG, else RUST_LOG, else info.

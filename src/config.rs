@@ -107,6 +107,18 @@ pub struct Config {
     pub max_client_connections: usize,
     /// Drain deadline at shutdown.
     pub shutdown_grace: Duration,
+    /// Time between failing /readyz and refusing connections at shutdown.
+    pub shutdown_delay: Duration,
+    /// Remote peers may use the admin listener's probe and metrics endpoints.
+    pub allow_remote_admin: bool,
+    /// Days left from which renewal is open (warning).
+    pub renewal_warning_days: u32,
+    /// Days left from which the daily log line is an error.
+    pub renewal_critical_days: u32,
+    /// `--egress-proxy` as given (resolved with HTTPS_PROXY/NO_PROXY by the upstream module).
+    pub egress_proxy: Option<String>,
+    /// Basic credentials file for the egress proxy.
+    pub egress_proxy_credentials_file: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
     /// Settings that work but are probably not what the operator wants; logged at start.
@@ -141,11 +153,17 @@ impl Config {
                 return Err(bad("--admin-listen takes HOST:PORT, not a unix: path"))
             }
         };
-        if !admin_listen.ip().is_loopback() {
+        if !admin_listen.ip().is_loopback() && !args.allow_remote_admin {
             return Err(bad(format!(
-                "--admin-listen {admin_listen} is not a loopback address; the admin listener \
-                 serves only loopback for now"
+                "--admin-listen {admin_listen} is not a loopback address; pass --allow-remote-admin to serve \
+                 /healthz, /readyz and /metrics to remote peers (Kubernetes probes, Prometheus); the rest of \
+                 the admin endpoints stay loopback-only"
             )));
+        }
+        if args.renewal_critical_days > args.renewal_warning_days {
+            return Err(bad(
+                "--renewal-critical-days must not be more than --renewal-warning-days",
+            ));
         }
         let upstream = parse_upstream(args.upstream.as_deref().ok_or_else(|| {
             bad(
@@ -221,6 +239,12 @@ impl Config {
                 "--max-client-connections",
             )?,
             shutdown_grace: parse_duration(&args.shutdown_grace, "--shutdown-grace")?,
+            shutdown_delay: parse_duration(&args.shutdown_delay, "--shutdown-delay")?,
+            allow_remote_admin: args.allow_remote_admin,
+            renewal_warning_days: args.renewal_warning_days,
+            renewal_critical_days: args.renewal_critical_days,
+            egress_proxy: args.egress_proxy.clone(),
+            egress_proxy_credentials_file: args.egress_proxy_credentials_file.clone(),
             log_format: args.log_format,
             warnings: advice(args),
         })

@@ -50,6 +50,9 @@ pub enum ProxyError {
     /// A browser's cross-site request.
     #[error("{0}")]
     CrossSiteRequest(String),
+    /// The egress proxy refused to open a tunnel to the upstream.
+    #[error("{0}")]
+    EgressProxyRefused(String),
     /// The application's request body could not be read whole.
     #[error("{0}")]
     ClientBodyIncomplete(String),
@@ -74,6 +77,7 @@ impl ProxyError {
             ProxyError::CrossSiteRequest(_) => "cross_site_request",
             ProxyError::ClientCertificateExpired(_) => "client_certificate_expired",
             ProxyError::ClientBodyIncomplete(_) => "client_body_incomplete",
+            ProxyError::EgressProxyRefused(_) => "egress_proxy_refused",
         }
     }
 
@@ -81,6 +85,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::UpstreamUnreachable(_)
+            | ProxyError::EgressProxyRefused(_)
             | ProxyError::UpstreamCertificateUntrusted(_)
             | ProxyError::ClientCertificateRejected(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
