@@ -33,6 +33,25 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show the proxy working against a local stand-in upstream with a throwaway test PKI.
     Demo(DemoArgs),
+    /// Check the configuration and identity without serving (like `nginx -t`); with --connect,
+    /// also make a real handshake and one request to the upstream. Exit 0 when all is well.
+    Check(CheckArgs),
+}
+
+/// Flags of `vero-proxy check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Also make a real TLS handshake and one request to the upstream.
+    #[arg(long)]
+    pub connect: bool,
+
+    /// Path of the request --connect sends (with the configured added headers).
+    #[arg(long, default_value = "/")]
+    pub probe_path: String,
+
+    /// The settings to check: the same flags as `run`.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Flags of `vero-proxy run`.

@@ -39,6 +39,16 @@ async fn main() -> std::process::ExitCode {
             vero_proxy::demo::run(args).await
         }
         Some(Command::Run(args)) => run(*args).await,
+        Some(Command::Check(args)) => {
+            init_logging(LogFormat::Text, Some("warn"));
+            let mut args = args;
+            args.run.pkcs12_password_env = std::env::var("VERO_PROXY_PKCS12_PASSWORD").ok().map(zeroize::Zeroizing::new);
+            match vero_proxy::check::run(&args).await {
+                Ok(true) => return std::process::ExitCode::SUCCESS,
+                Ok(false) => return std::process::ExitCode::FAILURE,
+                Err(e) => Err(e),
+            }
+        }
         None => run(cli.run).await,
     };
     match result {
