@@ -57,6 +57,11 @@ pub struct CheckArgs {
 /// Flags of `vero-proxy run`.
 #[derive(Debug, Clone, Args, Default)]
 pub struct RunArgs {
+    /// A TOML file holding any of these settings, keys spelled like the long flags
+    /// (`max-upstream-concurrency = 50`); flags and environment variables override it.
+    #[arg(long, env = "VERO_PROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Where applications connect: HOST:PORT, or unix:/PATH for a Unix socket.
     #[arg(long, env = "VERO_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,

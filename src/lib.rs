@@ -9,6 +9,7 @@ pub mod body;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod demo;
 pub mod error;
 pub mod gate;

@@ -1,8 +1,8 @@
 //! Parse the command line, start logging, hand over to a subcommand.
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use vero_proxy::cli::{Cli, Command, LogFormat};
+use vero_proxy::cli::{Command, LogFormat};
+use vero_proxy::config_file::{self, ParseError};
 
 fn init_logging(format: LogFormat, level: Option<&str>) {
     use std::io::IsTerminal;
@@ -32,24 +32,36 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // Flags, environment and the --config file, merged; clap's errors, --help and --version
+    // print and exit as clap does.
+    let argv = std::env::args_os().collect();
+    let (cli, from_file) = match config_file::parse(argv, |p| std::fs::read_to_string(p)) {
+        Ok(parsed) => parsed,
+        Err(ParseError::Clap(e)) => e.exit(),
+        Err(ParseError::File(e)) => {
+            eprintln!("vero-proxy: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Some(Command::Demo(args)) => {
             init_logging(LogFormat::Text, None);
             vero_proxy::demo::run(args).await
         }
-        Some(Command::Run(args)) => run(*args).await,
+        Some(Command::Run(args)) => run(*args, from_file).await,
         Some(Command::Check(args)) => {
             init_logging(LogFormat::Text, Some("warn"));
             let mut args = args;
-            args.run.pkcs12_password_env = std::env::var("VERO_PROXY_PKCS12_PASSWORD").ok().map(zeroize::Zeroizing::new);
+            args.run.pkcs12_password_env = std::env::var("VERO_PROXY_PKCS12_PASSWORD")
+                .ok()
+                .map(zeroize::Zeroizing::new);
             match vero_proxy::check::run(&args).await {
                 Ok(true) => return std::process::ExitCode::SUCCESS,
                 Ok(false) => return std::process::ExitCode::FAILURE,
                 Err(e) => Err(e),
             }
         }
-        None => run(cli.run).await,
+        None => run(cli.run, from_file).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -60,12 +72,18 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(mut args: vero_proxy::cli::RunArgs) -> anyhow::Result<()> {
+async fn run(
+    mut args: vero_proxy::cli::RunArgs,
+    from_file: Option<config_file::FromFile>,
+) -> anyhow::Result<()> {
     init_logging(args.log_format, args.log_level.as_deref());
     // Deliberately an environment variable and never a flag: a flag would show in `ps`.
     args.pkcs12_password_env = std::env::var("VERO_PROXY_PKCS12_PASSWORD")
         .ok()
         .map(zeroize::Zeroizing::new);
-    let cfg = vero_proxy::config::Config::from_args(&args)?;
+    let cfg = vero_proxy::config::Config::from_args(&args).map_err(|e| match &from_file {
+        Some(f) => anyhow::anyhow!(f.explain(&e.0)),
+        None => e.into(),
+    })?;
     vero_proxy::app::run(cfg).await
 }
