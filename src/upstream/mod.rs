@@ -1,6 +1,7 @@
 //! Identity -> rustls `ClientConfig` -> bounded connection pool: one immutable [`Upstream`] per
 //! identity, swapped whole when the identity or the pool is replaced.
 
+pub mod egress;
 pub mod limit;
 pub mod pool;
 pub mod tls;
@@ -14,6 +15,7 @@ use rustls::RootCertStore;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::identity::Identity;
+use egress::{Egress, EgressError, ProxyEnv, Route};
 use pool::{ConnLimit, Pool, PoolSettings};
 
 /// One identity's way to the upstream. Requests take an `Arc` of it at their start and keep it to
@@ -36,17 +38,23 @@ pub struct UpstreamFactory {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     conn_limit: Arc<ConnLimit>,
+    /// The egress proxy, decided once; an unusable setting fails the first `build`, at start.
+    egress: Result<Option<Arc<Egress>>, EgressError>,
 }
 
 impl UpstreamFactory {
-    /// A factory sharing one connection cap across every pool it makes.
+    /// A factory sharing one connection cap across every pool it makes. Decides the egress
+    /// (from the config and `HTTPS_PROXY`/`NO_PROXY`) and logs it.
     pub fn new(cfg: Arc<Config>, roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>) -> Self {
         let conn_limit = ConnLimit::new(cfg.max_upstream_concurrency);
+        let env = ProxyEnv::from_lookup(|name| std::env::var(name).ok());
+        let egress = decide_egress(&cfg, &env);
         UpstreamFactory {
             cfg,
             roots,
             provider,
             conn_limit,
+            egress,
         }
     }
 
@@ -82,6 +90,10 @@ impl UpstreamFactory {
             "subject {}, serial {}",
             identity.info.subject, identity.info.serial
         );
+        let egress = self
+            .egress
+            .clone()
+            .map_err(|e| ProxyError::UpstreamUnreachable(e.0))?;
         let pool = Pool::new(PoolSettings {
             target: self.cfg.upstream.clone(),
             tls: tls.clone(),
@@ -90,6 +102,7 @@ impl UpstreamFactory {
             connect_timeout: self.cfg.connect_timeout,
             idle_timeout: self.cfg.upstream_idle_timeout,
             who,
+            egress,
         })?;
         Ok(Upstream {
             identity,
@@ -97,6 +110,33 @@ impl UpstreamFactory {
             pool,
             connections: self.conn_limit.clone(),
         })
+    }
+}
+
+/// The egress for `cfg` in this environment, with its credentials read; logs which one is used
+/// (the proxy's address only, never its credentials).
+fn decide_egress(cfg: &Config, env: &ProxyEnv) -> Result<Option<Arc<Egress>>, EgressError> {
+    let t = &cfg.upstream;
+    match egress::resolve(cfg.egress_proxy.as_deref(), env, &t.host, t.port)? {
+        Route::Direct(why) => {
+            if cfg.egress_proxy_credentials_file.is_some() {
+                tracing::warn!(
+                    "--egress-proxy-credentials-file is set but no egress proxy is used ({why})"
+                );
+            }
+            tracing::info!("upstream connections go direct ({why})");
+            Ok(None)
+        }
+        Route::Proxy(addr) => {
+            let e = Egress::new(addr, cfg.egress_proxy_credentials_file.as_deref())?;
+            tracing::info!(
+                egress_proxy = %e.proxy(),
+                from = e.source,
+                credentials = e.has_credentials(),
+                "upstream connections tunnel through an HTTP proxy with CONNECT"
+            );
+            Ok(Some(Arc::new(e)))
+        }
     }
 }
 

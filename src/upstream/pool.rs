@@ -100,6 +100,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Our identity in words, for refusal messages.
     pub who: String,
+    /// The HTTP proxy connections tunnel through with CONNECT, if any.
+    pub egress: Option<Arc<super::egress::Egress>>,
 }
 
 /// A request sender on one upstream connection.
@@ -476,7 +478,10 @@ impl Inner {
         let s = &self.settings;
         let target = format!("{}:{}", s.target.host, s.target.port);
         let work = async {
-            let tcp = tcp_connect(&s.target.host, s.target.port).await?;
+            let tcp = match &s.egress {
+                Some(egress) => egress.tunnel(&s.target.host, s.target.port).await?,
+                None => tcp_connect(&s.target.host, s.target.port).await?,
+            };
             let tls = self
                 .connector
                 .connect(self.server_name.clone(), tcp)
@@ -556,7 +561,8 @@ where
     });
 }
 
-async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ProxyError> {
+/// A TCP connection to `host:port`, trying each address it resolves to.
+pub(super) async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, ProxyError> {
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|e| ProxyError::UpstreamUnreachable(format!("cannot resolve {host}: {e}")))?
