@@ -14,6 +14,7 @@ use crate::admin::AdminState;
 use crate::config::{AddHeader, Config, HeaderSource};
 use crate::gate::Gate;
 use crate::identity;
+use crate::metrics::Metrics;
 use crate::proxy::{AddedHeaders, Proxy};
 use crate::reload::{log_identity, Reloader};
 use crate::server::{self, BoundAddr, ClientLimits};
@@ -31,6 +32,9 @@ pub struct Running {
     /// The identity reloader.
     pub reloader: Arc<Reloader>,
     shutdown: CancellationToken,
+    /// What the admin endpoints answer from.
+    pub admin_state: Arc<AdminState>,
+    shutdown_delay: std::time::Duration,
     task: JoinHandle<()>,
 }
 
@@ -45,8 +49,15 @@ impl Running {
         let _ = self.task.await;
     }
 
-    /// Begins shutdown and waits for it.
+    /// Shuts down as on SIGTERM: /readyz fails at once, the listener keeps accepting for
+    /// `--shutdown-delay` (so load balancers stop sending first), then stops, and requests in
+    /// flight finish within `--shutdown-grace`.
     pub async fn shutdown(self) {
+        self.admin_state.draining.store(true, Ordering::Relaxed);
+        if !self.shutdown_delay.is_zero() {
+            tracing::info!(delay = ?self.shutdown_delay, "not ready any more; still accepting until the delay ends");
+            tokio::time::sleep(self.shutdown_delay).await;
+        }
         self.begin_shutdown();
         self.wait().await;
     }
@@ -102,7 +113,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let provider = tls::provider();
     let roots = tls::trust_anchors(cfg.ca_file.as_deref())?;
     let ident = identity::load(&cfg.identity, &provider, SystemTime::now())?;
+    let thresholds = identity::Thresholds {
+        warning_days: cfg.renewal_warning_days,
+        critical_days: cfg.renewal_critical_days,
+    };
     log_identity(&ident, "client identity loaded");
+    ident.info.log_renewal(SystemTime::now(), thresholds);
+    let metrics = Arc::new(Metrics::new());
     let factory = UpstreamFactory::new(cfg.clone(), roots, provider.clone());
     let shared: SharedUpstream = Arc::new(ArcSwap::from_pointee(factory.build(Arc::new(ident))?));
     let added: AddedHeaders =
@@ -127,20 +144,34 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         factory,
         provider,
         limiter.clone(),
+        metrics.clone(),
+        thresholds,
     ));
-    let proxy = Arc::new(Proxy::new(
-        shared.clone(),
-        limiter,
-        Gate::new(&cfg.listen, &cfg.allowed_hosts),
-        cfg.upstream.clone(),
-        added.clone(),
-        cfg.response_timeout,
-        shutdown.clone(),
-    ));
+    let proxy = Arc::new(Proxy {
+        upstream: shared.clone(),
+        limiter: limiter.clone(),
+        gate: Gate::new(&cfg.listen, &cfg.allowed_hosts),
+        target: cfg.upstream.clone(),
+        added_headers: added.clone(),
+        response_timeout: cfg.response_timeout,
+        shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
+        ids: Default::default(),
+    });
     let admin_state = Arc::new(AdminState {
         upstream: shared.clone(),
         accepting: true.into(),
+        draining: false.into(),
         reloader: reloader.clone(),
+        metrics,
+        limiter,
+        thresholds,
+        started: std::time::Instant::now(),
+        upstream_url: format!(
+            "https://{}{}",
+            cfg.upstream.authority, cfg.upstream.base_path
+        ),
+        listen: listen.to_string(),
     });
     let background = CancellationToken::new();
     identity::watch::spawn(
@@ -160,6 +191,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.upstream_max_connection_age,
         background.clone(),
     ));
+    tokio::spawn(daily_renewal_notice(
+        shared.clone(),
+        thresholds,
+        background.clone(),
+    ));
     if cfg
         .add_headers
         .iter()
@@ -176,6 +212,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         shutdown.clone(),
     ));
     let grace = cfg.shutdown_grace;
+    let admin_for_drain = admin_state.clone();
     let task = tokio::spawn(async move {
         let graceful = match accept.await {
             Ok(g) => g,
@@ -200,6 +237,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         proxy,
         shutdown,
         task,
+        admin_state: admin_for_drain,
+        shutdown_delay: cfg.shutdown_delay,
     })
 }
 
@@ -288,5 +327,26 @@ async fn refresh_headers(cfg: Arc<Config>, added: AddedHeaders, stop: Cancellati
                 }
             }
         }
+    }
+}
+
+/// Repeats the renewal notice once a day while the identity in service is inside the renewal
+/// window, so it cannot scroll out of sight.
+async fn daily_renewal_notice(
+    shared: SharedUpstream,
+    thresholds: identity::Thresholds,
+    stop: CancellationToken,
+) {
+    let day = std::time::Duration::from_secs(86_400);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(day) => {},
+            _ = stop.cancelled() => return,
+        }
+        shared
+            .load()
+            .identity
+            .info
+            .log_renewal(SystemTime::now(), thresholds);
     }
 }

@@ -9,12 +9,14 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::access::Exchange;
+use crate::metrics::ByteCount;
 use crate::upstream::pool::Return;
 
 /// A response body.
 pub enum ProxyBody {
     /// Streamed from the upstream.
-    Upstream(UpstreamBody),
+    Upstream(Box<UpstreamBody>),
     /// The proxy's own (error answers, admin pages).
     Full(Option<Bytes>),
 }
@@ -31,6 +33,8 @@ impl ProxyBody {
 pub struct UpstreamBody {
     inner: Incoming,
     held: Option<Held>,
+    log: Option<(Exchange, u16)>,
+    bytes: u64,
 }
 
 struct Held {
@@ -40,13 +44,21 @@ struct Held {
 
 impl UpstreamBody {
     /// Wraps an upstream body.
-    pub fn new(inner: Incoming, permit: OwnedSemaphorePermit, conn: Option<Return>) -> Self {
+    pub fn new(
+        inner: Incoming,
+        permit: OwnedSemaphorePermit,
+        conn: Option<Return>,
+        log: (Exchange, u16),
+    ) -> Self {
+        let held = Some(Held {
+            _permit: permit,
+            conn,
+        });
         let mut body = UpstreamBody {
             inner,
-            held: Some(Held {
-                _permit: permit,
-                conn,
-            }),
+            held,
+            log: Some(log),
+            bytes: 0,
         };
         if body.inner.is_end_stream() {
             body.release(true);
@@ -61,6 +73,9 @@ impl UpstreamBody {
                 conn.give_back();
             }
         }
+        if let Some((log, status)) = self.log.take() {
+            log.finished(status, self.bytes, clean);
+        }
     }
 }
 
@@ -73,6 +88,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            self.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
         match &polled {
             Poll::Ready(None) => self.release(true),
             Poll::Ready(Some(Err(_))) => self.release(false),
@@ -91,6 +109,13 @@ impl Body for UpstreamBody {
     }
 }
 
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the application went away, or the server cut it off.
+        self.release(false);
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -100,7 +125,7 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Upstream(b) => Pin::new(b.as_mut()).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
@@ -126,8 +151,8 @@ impl Body for ProxyBody {
 pub enum RequestBody {
     /// Read whole (possibly empty); `None` once sent.
     Full(Option<Bytes>),
-    /// Streamed from the application.
-    Stream(Incoming),
+    /// Streamed from the application; the count of bytes passed on.
+    Stream(Incoming, ByteCount),
 }
 
 impl Body for RequestBody {
@@ -144,21 +169,28 @@ impl Body for RequestBody {
                     .filter(|d| !d.is_empty())
                     .map(|d| Ok(Frame::data(d))),
             ),
-            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Stream(b, count) => {
+                let polled = Pin::new(b).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(f))) = &polled {
+                    let n = f.data_ref().map_or(0, |d| d.len() as u64);
+                    count.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                polled
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Full(b) => b.as_ref().is_none_or(|d| d.is_empty()),
-            RequestBody::Stream(b) => b.is_end_stream(),
+            RequestBody::Stream(b, _) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
-            RequestBody::Stream(b) => b.size_hint(),
+            RequestBody::Stream(b, _) => b.size_hint(),
         }
     }
 }

@@ -1,9 +1,220 @@
 //! `vero-proxy check [--connect]`: validate configuration and identity without serving, and
-//! print a report a person can act on.
+//! print a report a person can act on. Like `nginx -t`, it exits 0 only when all is well.
 
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::Request;
+
+use crate::body::RequestBody;
 use crate::cli::CheckArgs;
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::identity::{self, rfc3339, RenewalState, Thresholds};
+use crate::upstream::{tls, UpstreamFactory};
+
+/// Collects the report's lines and whether anything failed.
+#[derive(Default)]
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    fn ok(&self, what: &str) {
+        println!("ok       {what}");
+    }
+    fn warn(&self, what: &str) {
+        println!("warning  {what}");
+    }
+    fn error(&mut self, what: &str) {
+        self.failed = true;
+        println!("error    {what}");
+    }
+    fn info(&self, what: &str) {
+        println!("         {what}");
+    }
+}
+
+/// Which Vero environment an issuer belongs to, from its name.
+fn issuer_environment(issuer: &str) -> Option<&'static str> {
+    if issuer.contains("Data Providers Test Issuing CA") {
+        Some("test")
+    } else if issuer.contains("Data Providers Issuing CA") {
+        Some("production")
+    } else {
+        None
+    }
+}
+
+/// Which Vero environment a host is.
+fn host_environment(host: &str) -> Option<&'static str> {
+    match host {
+        "api.vero.fi" => Some("production"),
+        "apitest.vero.fi" => Some("test"),
+        _ => None,
+    }
+}
 
 /// Runs the check; `Ok(true)` when all is well.
-pub async fn run(_args: &CheckArgs) -> anyhow::Result<bool> {
-    anyhow::bail!("check is not built yet")
+pub async fn run(args: &CheckArgs) -> anyhow::Result<bool> {
+    let mut r = Report::default();
+    let cfg = match Config::from_args(&args.run) {
+        Ok(c) => c,
+        Err(e) => {
+            r.error(&format!("configuration: {e}"));
+            return Ok(false);
+        }
+    };
+    r.ok(&format!(
+        "configuration: upstream https://{}{}, listen {}",
+        cfg.upstream.authority, cfg.upstream.base_path, cfg.listen
+    ));
+    for w in &cfg.warnings {
+        r.warn(w);
+    }
+    let provider = tls::provider();
+    let ident = match identity::load(&cfg.identity, &provider, SystemTime::now()) {
+        Ok(i) => i,
+        Err(e) => {
+            r.error(&format!("identity: {e}"));
+            return Ok(false);
+        }
+    };
+    let info = &ident.info;
+    let now = SystemTime::now();
+    r.ok(&format!(
+        "identity from {}: the key matches the certificate",
+        ident.source
+    ));
+    r.info(&format!("subject  {}", info.subject));
+    r.info(&format!("issuer   {}", info.issuer));
+    r.info(&format!("serial   {}", info.serial));
+    r.info(&format!(
+        "valid    {} to {} ({} days left)",
+        rfc3339(info.not_before),
+        rfc3339(info.not_after),
+        info.days_left(now)
+    ));
+    r.info(&format!("sha256   {}", info.fingerprint_sha256));
+    r.info(&format!(
+        "chain    {} certificate(s) sent after the leaf",
+        info.chain_len
+    ));
+    let t = Thresholds {
+        warning_days: cfg.renewal_warning_days,
+        critical_days: cfg.renewal_critical_days,
+    };
+    match info.renewal_state(now, t) {
+        RenewalState::Ok => {}
+        RenewalState::RenewalOpen => r.warn(&format!(
+            "the renewal window is open: {} days left; renew through the certificate service now",
+            info.days_left(now)
+        )),
+        RenewalState::Critical => r.warn(&format!(
+            "only {} days left: renew now",
+            info.days_left(now)
+        )),
+        RenewalState::Expired => r.error("the certificate has expired"),
+    }
+    if let (Some(cert_env), Some(host_env)) = (
+        issuer_environment(&info.issuer),
+        host_environment(&cfg.upstream.host),
+    ) {
+        if cert_env != host_env {
+            r.warn(&format!(
+                "a {cert_env} certificate is pointed at the {host_env} API ({}): the handshake will be refused",
+                cfg.upstream.host
+            ));
+        }
+    }
+    if info.client_auth_allowed == Some(false) {
+        r.warn("the certificate's extended key usage does not allow TLS client authentication");
+    }
+    for w in &ident.warnings {
+        r.warn(w);
+    }
+    if let Err(e) = crate::app::read_added_headers(&cfg.add_headers) {
+        r.error(&format!("added headers: {e}"));
+    }
+    if args.connect {
+        connect(&mut r, cfg, ident, provider, &args.probe_path).await?;
+    }
+    Ok(!r.failed)
+}
+
+/// A real handshake and one request, each reported.
+async fn connect(
+    r: &mut Report,
+    cfg: Config,
+    ident: identity::Identity,
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+    probe_path: &str,
+) -> anyhow::Result<()> {
+    let roots = tls::trust_anchors(cfg.ca_file.as_deref())?;
+    let headers = crate::app::read_added_headers(&cfg.add_headers).unwrap_or_default();
+    let authority = cfg.upstream.authority.clone();
+    let target = format!("{}{}", cfg.upstream.base_path, probe_path);
+    let factory = UpstreamFactory::new(std::sync::Arc::new(cfg), roots, provider);
+    let upstream = factory.build(std::sync::Arc::new(ident))?;
+    let conn = match upstream.pool.checkout().await {
+        Ok(c) => c,
+        Err(e) => {
+            r.error(&format!("TLS handshake with {authority}: {e}"));
+            return Ok(());
+        }
+    };
+    r.ok(&format!(
+        "TLS handshake with {authority} ({})",
+        if conn.is_h2() { "HTTP/2" } else { "HTTP/1.1" }
+    ));
+    let mut req = Request::get(target.as_str()).body(RequestBody::Full(Some(Bytes::new())))?;
+    for (name, value) in headers {
+        req.headers_mut().insert(name, value);
+    }
+    let resp = match conn.send(req, &authority).await {
+        Ok((resp, _)) => resp,
+        Err(e) => {
+            let msg = match e
+                .tls
+                .as_ref()
+                .or_else(|| crate::error::find_tls_error(&e.error))
+            {
+                Some(rustls::Error::AlertReceived(alert)) => {
+                    tls::client_cert_rejected(alert, authority.as_ref(), "our certificate")
+                        .to_string()
+                }
+                _ => ProxyError::UpstreamUnreachable(format!("the request failed: {}", e.error))
+                    .to_string(),
+            };
+            r.error(&format!("request to {target}: {msg}"));
+            return Ok(());
+        }
+    };
+    let status = resp.status().as_u16();
+    let body =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(resp.into_body(), 4096))
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+    match status {
+        401 => {
+            r.error(&format!(
+                "GET {target}: 401 from the API: the handshake passed but the call was refused"
+            ));
+            r.info(&format!("the API said: {body}"));
+            r.info("likely: the software key is missing or wrong (--add-header 'Vero-SoftwareKey: @FILE')");
+        }
+        403 => {
+            r.error(&format!(
+                "GET {target}: 403 from the API: the handshake passed but the call was refused"
+            ));
+            r.info(&format!("the API said: {body}"));
+            r.info("likely: no production access yet (pass the integration verification first), or a renewed \
+                    production certificate that Vero API has not fetched yet (it does so once a day)");
+        }
+        s => r.ok(&format!(
+            "GET {target}: {s} from the API: the certificate was accepted"
+        )),
+    }
+    Ok(())
 }

@@ -35,7 +35,7 @@ pub enum Command {
     Demo(DemoArgs),
     /// Check the configuration and identity without serving (like `nginx -t`); with --connect,
     /// also make a real handshake and one request to the upstream. Exit 0 when all is well.
-    Check(CheckArgs),
+    Check(Box<CheckArgs>),
 }
 
 /// Flags of `vero-proxy check`.

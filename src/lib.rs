@@ -3,6 +3,7 @@
 //! The request path, in order: [`server`] accepts, [`proxy`] checks and rewrites, [`upstream`]
 //! holds the identity's TLS config and connection pool, [`error`] turns failures into answers.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod body;
@@ -14,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod gate;
 pub mod identity;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;

@@ -11,11 +11,13 @@ use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{id_header, request_id_of, Exchange};
 use crate::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::config::UpstreamTarget;
 use crate::error::{find_tls_error, ProxyError};
 use crate::gate::Gate;
 use crate::identity::rfc3339;
+use crate::metrics::{ByteCount, Metrics};
 use crate::upstream::limit::Limiter;
 use crate::upstream::pool::{Return, SendError};
 use crate::upstream::{tls, SharedUpstream, Upstream};
@@ -39,12 +41,28 @@ pub struct Proxy {
     pub response_timeout: Duration,
     /// Cancelled when the proxy starts draining.
     pub shutdown: CancellationToken,
-    ids: RequestIds,
+    /// Counters and histograms.
+    pub metrics: Arc<Metrics>,
+    /// Request ids for requests that bring none.
+    pub ids: RequestIds,
 }
 
-struct RequestIds {
+/// Makes request ids: a random per-process prefix and a counter.
+pub struct RequestIds {
     prefix: u32,
     next: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        let mut seed = [0u8; 4];
+        // An id prefix that differs between restarts; a fixed one is still unique per process.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+        RequestIds {
+            prefix: u32::from_be_bytes(seed),
+            next: AtomicU64::new(1),
+        }
+    }
 }
 
 impl RequestIds {
@@ -99,62 +117,29 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Proxy {
-    /// A proxy in front of `upstream`.
-    pub fn new(
-        upstream: SharedUpstream,
-        limiter: Arc<Limiter>,
-        gate: Gate,
-        target: UpstreamTarget,
-        added_headers: AddedHeaders,
-        response_timeout: Duration,
-        shutdown: CancellationToken,
-    ) -> Self {
-        let mut seed = [0u8; 4];
-        // An id prefix that differs between restarts; a fixed one is still unique per process.
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
-        let ids = RequestIds {
-            prefix: u32::from_be_bytes(seed),
-            next: AtomicU64::new(1),
-        };
-        Proxy {
-            upstream,
-            limiter,
-            gate,
-            target,
-            added_headers,
-            response_timeout,
-            shutdown,
-            ids,
-        }
-    }
-
     /// Serves one request from an application.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
-        let started = Instant::now();
-        let id = self.ids.next();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let (resp, outcome) = match self.forward(req).await {
-            Ok(resp) => (resp, None),
+        let id = request_id_of(&req).unwrap_or_else(|| self.ids.next());
+        let mut log = Some(Exchange::new(id.clone(), &req, self.metrics.clone()));
+        let mut resp = match self.forward(req, &mut log).await {
+            Ok(resp) => resp,
             Err(e) => {
-                let r = e.to_response(&id).map(ProxyBody::full);
-                (r, Some(e))
+                if let Some(log) = log.take() {
+                    log.failed(&e);
+                }
+                e.to_response(&id).map(ProxyBody::full)
             }
         };
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        // Never the query string: it can carry personal identity codes.
-        match &outcome {
-            None => {
-                tracing::info!(target: "access", request_id = %id, %method, %path, status = resp.status().as_u16(), ms = (ms * 10.0).round() / 10.0)
-            }
-            Some(e) => {
-                tracing::warn!(target: "access", request_id = %id, %method, %path, status = resp.status().as_u16(), error = e.code(), ms = (ms * 10.0).round() / 10.0, "{e}")
-            }
-        }
+        resp.headers_mut().insert("x-request-id", id_header(&id));
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    /// Forwards; on success the answer's body carries `log` to the end of the answer.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        log: &mut Option<Exchange>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         if self.shutdown.is_cancelled() {
             return Err(ProxyError::ShuttingDown);
         }
@@ -163,14 +148,21 @@ impl Proxy {
         }
         self.gate.check(&req, &self.target)?;
 
-        let (head, body) = self.rewrite(req).into_parts();
+        let (mut head, body) = self.rewrite(req).into_parts();
+        let counted = log
+            .as_ref()
+            .map(|l| l.request_bytes.clone())
+            .unwrap_or_default();
+        if let Some(l) = log.as_ref() {
+            head.headers.insert("x-request-id", id_header(&l.id));
+        }
         let head = Head {
             method: head.method,
             uri: head.uri,
             headers: head.headers,
         };
         // Read before taking a place under the cap, so a slow client never holds one.
-        let body = read_small_body(body).await?;
+        let body = read_small_body(body, counted).await?;
         let permit = self.limiter.acquire().await?;
         // The snapshot is taken once the request may go: one that waited in the queue across
         // an identity swap goes out with the new identity, not on a retired pool.
@@ -183,6 +175,10 @@ impl Proxy {
                 rfc3339(upstream.identity.info.not_after)
             )));
         }
+        if let Some(l) = log.as_mut() {
+            l.serial = Some(upstream.identity.info.serial.clone());
+        }
+        let sent_at = Instant::now();
         let sent =
             tokio::time::timeout(self.response_timeout, self.exchange(&upstream, head, body))
                 .await
@@ -192,8 +188,18 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
-        let body = UpstreamBody::new(body, permit, conn_return);
-        Ok(Response::from_parts(parts, ProxyBody::Upstream(body)))
+        let status = parts.status.as_u16();
+        let Some(mut log) = log.take() else {
+            return Err(ProxyError::UpstreamUnreachable(
+                "internal: request record missing".into(),
+            ));
+        };
+        log.upstream_ms = Some((sent_at.elapsed().as_secs_f64() * 10_000.0).round() / 10.0);
+        let body = UpstreamBody::new(body, permit, conn_return, (log, status));
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::Upstream(Box::new(body)),
+        ))
     }
 
     /// Sends the request, again when it provably did not reach the upstream: once after a
@@ -361,7 +367,7 @@ const KEPT_BODY_MAX: u64 = 64 * 1024;
 /// How often a request refused unprocessed by an HTTP/2 server is sent again.
 const REFUSED_RETRIES: u32 = 3;
 
-async fn read_small_body(body: Incoming) -> Result<RequestBody, ProxyError> {
+async fn read_small_body(body: Incoming, counted: ByteCount) -> Result<RequestBody, ProxyError> {
     use http_body::Body as _;
     match body.size_hint().exact() {
         Some(n) if n <= KEPT_BODY_MAX => {
@@ -370,8 +376,10 @@ async fn read_small_body(body: Incoming) -> Result<RequestBody, ProxyError> {
                     "the request body ended early ({e}); nothing was sent upstream"
                 ))
             })?;
-            Ok(RequestBody::Full(Some(collected.to_bytes())))
+            let bytes = collected.to_bytes();
+            counted.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(RequestBody::Full(Some(bytes)))
         }
-        _ => Ok(RequestBody::Stream(body)),
+        _ => Ok(RequestBody::Stream(body, counted)),
     }
 }

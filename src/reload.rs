@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
 
-use crate::identity::{self, rfc3339, Identity, IdentitySource};
+use crate::identity::{self, rfc3339, Identity, IdentitySource, Thresholds};
+use crate::metrics::{Metrics, ReloadResult};
 use crate::upstream::limit::Limiter;
 use crate::upstream::{self, SharedUpstream, UpstreamFactory};
 
@@ -58,6 +59,8 @@ pub struct Reloader {
     /// Counters.
     pub stats: ReloadStats,
     done: tokio::sync::watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+    thresholds: Thresholds,
 }
 
 /// Pauses between attempts at a pair that does not load (a cert written before its key).
@@ -75,6 +78,8 @@ impl Reloader {
         factory: UpstreamFactory,
         provider: Arc<CryptoProvider>,
         limiter: Arc<Limiter>,
+        metrics: Arc<Metrics>,
+        thresholds: Thresholds,
     ) -> Self {
         Reloader {
             source,
@@ -85,6 +90,8 @@ impl Reloader {
             running: Default::default(),
             stats: Default::default(),
             done: tokio::sync::watch::Sender::new(0),
+            metrics,
+            thresholds,
         }
     }
 
@@ -115,6 +122,12 @@ impl Reloader {
             Outcome::Failed(_) => &self.stats.failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadResult {
+                result: outcome.as_str(),
+            })
+            .inc();
         if let Ok(mut last) = self.stats.last.lock() {
             *last = Some((SystemTime::now(), trigger.to_string(), outcome.clone()));
         }
@@ -174,6 +187,9 @@ impl Reloader {
             .await
             .unwrap_or(0);
         log_identity(&next.identity, "identity reloaded");
+        next.identity
+            .info
+            .log_renewal(SystemTime::now(), self.thresholds);
         tracing::info!(%trigger, warmed, "new identity in service; connections of the old one retire");
         upstream::swap(&self.shared, next);
         Outcome::Reloaded

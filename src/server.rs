@@ -175,6 +175,7 @@ pub async fn accept_loop(
         let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
             let _slot = slot;
+            let _counted = Connected::new(&proxy.metrics);
             match stream {
                 Accepted::Tcp(s) => {
                     if spoke_tls(&s, header_timeout).await {
@@ -236,5 +237,21 @@ async fn serve<S>(
         .into_owned();
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// Counts an application connection for as long as it is open.
+struct Connected(prometheus_client::metrics::gauge::Gauge);
+
+impl Connected {
+    fn new(m: &crate::metrics::Metrics) -> Self {
+        m.client_connections.inc();
+        Connected(m.client_connections.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

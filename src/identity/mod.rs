@@ -91,3 +91,119 @@ pub fn rfc3339(ts: i64) -> String {
         })
         .unwrap_or_else(|| format!("@{ts}"))
 }
+
+/// Where a certificate stands against the Tax Administration's renewal rules: renewable from
+/// 60 days before expiry (the warning threshold), urgent from 14 (critical).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalState {
+    /// More days left than the warning threshold.
+    Ok,
+    /// Inside the renewal window: renewal is possible now.
+    RenewalOpen,
+    /// Fewer days left than the critical threshold.
+    Critical,
+    /// Past notAfter.
+    Expired,
+}
+
+impl RenewalState {
+    /// `ok`, `renewal_open`, `critical`, `expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RenewalState::Ok => "ok",
+            RenewalState::RenewalOpen => "renewal_open",
+            RenewalState::Critical => "critical",
+            RenewalState::Expired => "expired",
+        }
+    }
+
+    /// 0-3, for the metric.
+    pub fn level(self) -> i64 {
+        self as i64
+    }
+}
+
+/// The renewal thresholds, in days before notAfter.
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    /// Renewal possible from here (Vero: 60).
+    pub warning_days: u32,
+    /// Urgent from here.
+    pub critical_days: u32,
+}
+
+impl CertInfo {
+    /// The certificate's renewal state at `now`.
+    pub fn renewal_state(&self, now: SystemTime, t: Thresholds) -> RenewalState {
+        let left = self.not_after - unix(now);
+        if left < 0 {
+            RenewalState::Expired
+        } else if left <= i64::from(t.critical_days) * 86_400 {
+            RenewalState::Critical
+        } else if left <= i64::from(t.warning_days) * 86_400 {
+            RenewalState::RenewalOpen
+        } else {
+            RenewalState::Ok
+        }
+    }
+
+    /// Logs where the certificate stands when renewal is due: a warning inside the renewal
+    /// window, an error from the critical threshold on. Called at every load and daily.
+    pub fn log_renewal(&self, now: SystemTime, t: Thresholds) {
+        let days = self.days_left(now);
+        let until = rfc3339(self.not_after);
+        match self.renewal_state(now, t) {
+            RenewalState::Ok => {}
+            RenewalState::RenewalOpen => tracing::warn!(
+                subject = %self.subject, days_left = days, not_after = %until,
+                "the client certificate expires on {until} ({days} days left): it can be renewed now through the \
+                 Tax Administration's certificate service (from 60 days before expiry); a renewed production \
+                 certificate works at Vero API from the day after it is issued"
+            ),
+            RenewalState::Critical => tracing::error!(
+                subject = %self.subject, days_left = days, not_after = %until,
+                "the client certificate expires on {until}, in {days} days: renew it now; an expired certificate \
+                 cannot be renewed and stops the integration"
+            ),
+            RenewalState::Expired => tracing::error!(
+                subject = %self.subject, not_after = %until,
+                "the client certificate expired on {until}: request a new one with new transfer IDs"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn info(days: i64) -> CertInfo {
+        let now = unix(SystemTime::now());
+        CertInfo {
+            subject: "CN=x".into(),
+            issuer: "CN=y".into(),
+            serial: "01".into(),
+            not_before: now - 86_400,
+            not_after: now + days * 86_400,
+            fingerprint_sha256: String::new(),
+            client_auth_allowed: None,
+            chain_len: 0,
+        }
+    }
+
+    #[test]
+    fn renewal_states_follow_the_thresholds() {
+        let t = Thresholds {
+            warning_days: 60,
+            critical_days: 14,
+        };
+        let now = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(info(100).renewal_state(now, t), RenewalState::Ok);
+        assert_eq!(info(60).renewal_state(now, t), RenewalState::RenewalOpen);
+        assert_eq!(info(30).renewal_state(now, t), RenewalState::RenewalOpen);
+        assert_eq!(info(14).renewal_state(now, t), RenewalState::Critical);
+        assert_eq!(info(-1).renewal_state(now, t), RenewalState::Expired);
+    }
+}

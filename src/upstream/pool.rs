@@ -583,6 +583,19 @@ pub(super) async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, Prox
     }))
 }
 
+/// On a connection that failed at its first request, the server's TLS alert can arrive just
+/// after the failure itself surfaced (a write broke first): the connection task reads it
+/// moments later. Waits briefly for it, so a refused certificate is named as such.
+async fn alert_after_failure(slot: &TlsFailure) -> Option<rustls::Error> {
+    for _ in 0..20 {
+        if let Some(e) = slot.get() {
+            return Some(e.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    slot.get().cloned()
+}
+
 impl Conn {
     /// Whether this is an HTTP/2 connection.
     pub fn is_h2(&self) -> bool {
@@ -592,6 +605,21 @@ impl Conn {
     /// Sends a request whose URI is `path?query`; sets the URI form and `Host` the protocol needs.
     /// For HTTP/1.1, also returns the handle that gives the connection back after the body ends.
     pub async fn send(
+        self,
+        req: Request<RequestBody>,
+        authority: &http::uri::Authority,
+    ) -> Result<(Response<Incoming>, Option<Return>), SendError> {
+        let (failure, fresh) = (self.failure.clone(), !self.reused);
+        let mut result = self.send_once(req, authority).await;
+        if let Err(e) = &mut result {
+            if e.tls.is_none() && fresh {
+                e.tls = alert_after_failure(&failure).await;
+            }
+        }
+        result
+    }
+
+    async fn send_once(
         self,
         mut req: Request<RequestBody>,
         authority: &http::uri::Authority,

@@ -1,0 +1,210 @@
+//! Prometheus metrics (prometheus-client): counted on the data path, and the values that are
+//! state (identity times, queue, in flight) read at scrape time.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of `vero_proxy_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Standard method name, or `other`.
+    pub method: &'static str,
+    /// `2xx`, `4xx` ...
+    pub status_class: &'static str,
+}
+
+/// Labels with a reason or result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// The proxy's error code.
+    pub reason: &'static str,
+}
+
+/// Labels of `vero_proxy_identity_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadResult {
+    /// `reloaded`, `unchanged` or `failed`.
+    pub result: &'static str,
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by method and status class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time from request head to the end of the answer.
+    pub duration: Histogram,
+    /// The proxy's own failures, by error code.
+    pub upstream_errors: Family<Reason, Counter>,
+    /// Application connections open now.
+    pub client_connections: Gauge,
+    /// Request body bytes sent upstream.
+    pub request_bytes: Counter,
+    /// Response body bytes sent to applications.
+    pub response_bytes: Counter,
+    /// Identity reloads, by result.
+    pub reloads: Family<ReloadResult, Counter>,
+    /// Requests in flight upstream (set at scrape).
+    pub upstream_in_flight: Gauge,
+    /// Requests waiting for a place (set at scrape).
+    pub upstream_queue_depth: Gauge,
+    /// Upstream connections open (set at scrape).
+    pub upstream_connections: Gauge,
+    /// notAfter of the certificate in service, Unix seconds (set at scrape).
+    pub not_after: Gauge,
+    /// notBefore of the certificate in service, Unix seconds (set at scrape).
+    pub not_before: Gauge,
+    /// 0 ok, 1 renewal window open, 2 critical, 3 expired (set at scrape).
+    pub renewal_state: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            upstream_errors: Family::default(),
+            client_connections: Gauge::default(),
+            request_bytes: Counter::default(),
+            response_bytes: Counter::default(),
+            reloads: Family::default(),
+            upstream_in_flight: Gauge::default(),
+            upstream_queue_depth: Gauge::default(),
+            upstream_connections: Gauge::default(),
+            not_after: Gauge::default(),
+            not_before: Gauge::default(),
+            renewal_state: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "vero_proxy_requests",
+            "Requests answered, by method and status class",
+            m.requests.clone(),
+        );
+        r.register(
+            "vero_proxy_request_duration_seconds",
+            "Time from request head to the end of the answer",
+            m.duration.clone(),
+        );
+        r.register(
+            "vero_proxy_upstream_errors",
+            "The proxy's own failures, by error code",
+            m.upstream_errors.clone(),
+        );
+        r.register(
+            "vero_proxy_client_connections",
+            "Application connections open",
+            m.client_connections.clone(),
+        );
+        r.register(
+            "vero_proxy_request_bytes",
+            "Request body bytes sent upstream",
+            m.request_bytes.clone(),
+        );
+        r.register(
+            "vero_proxy_response_bytes",
+            "Response body bytes sent to applications",
+            m.response_bytes.clone(),
+        );
+        r.register(
+            "vero_proxy_identity_reloads",
+            "Identity reloads, by result",
+            m.reloads.clone(),
+        );
+        r.register(
+            "vero_proxy_upstream_in_flight",
+            "Requests in flight to the upstream",
+            m.upstream_in_flight.clone(),
+        );
+        r.register(
+            "vero_proxy_upstream_queue_depth",
+            "Requests waiting for a place under the concurrency cap",
+            m.upstream_queue_depth.clone(),
+        );
+        r.register(
+            "vero_proxy_upstream_connections",
+            "Upstream connections open or connecting",
+            m.upstream_connections.clone(),
+        );
+        r.register(
+            "vero_proxy_identity_not_after_timestamp_seconds",
+            "notAfter of the client certificate in service",
+            m.not_after.clone(),
+        );
+        r.register(
+            "vero_proxy_identity_not_before_timestamp_seconds",
+            "notBefore of the client certificate in service",
+            m.not_before.clone(),
+        );
+        r.register(
+            "vero_proxy_identity_renewal_state",
+            "0 ok, 1 renewal window open, 2 critical (few days left), 3 expired",
+            m.renewal_state.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts one answered request.
+    pub fn record(&self, method: &http::Method, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method_label(method),
+                status_class: status_class(status),
+            })
+            .inc();
+        self.duration.observe(seconds);
+    }
+}
+
+/// The method as a label: the standard ones by name, anything else `other` (unbounded label
+/// values would let any client grow the metrics without limit).
+pub fn method_label(m: &http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
+fn status_class(s: u16) -> &'static str {
+    match s / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// A byte counter shared between a body and whoever reports on it.
+pub type ByteCount = std::sync::Arc<AtomicU64>;
