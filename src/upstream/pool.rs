@@ -492,8 +492,13 @@ impl Inner {
         let (permit, tls) = tokio::time::timeout(s.connect_timeout, work)
             .await
             .map_err(|_| {
+                let via = s
+                    .egress
+                    .as_ref()
+                    .map(|e| format!(" through the egress proxy {}", e.proxy()))
+                    .unwrap_or_default();
                 ProxyError::UpstreamUnreachable(format!(
-                    "could not connect to {target} within {:?} (--connect-timeout)",
+                    "could not connect to {target}{via} within {:?} (--connect-timeout)",
                     s.connect_timeout
                 ))
             })??;
