@@ -104,6 +104,9 @@ pub struct PoolSettings {
     pub egress: Option<Arc<super::egress::Egress>>,
 }
 
+/// Largest read buffer of an HTTP/1.1 upstream connection.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
 /// A request sender on one upstream connection.
 pub enum Sender {
     /// HTTP/1.1: one request at a time; goes back to the pool when its response body ends.
@@ -537,7 +540,11 @@ impl Inner {
                 pool,
             })
         } else {
+            // hyper's read buffer grows to 400 KiB per connection by default; with 1 MiB answers on
+            // 64 connections that alone is 25 MiB. 64 KiB reads keep memory flat at no
+            // measurable cost in throughput.
             let (sender, conn) = http1::Builder::new()
+                .max_buf_size(UPSTREAM_READ_BUFFER)
                 .handshake::<_, RequestBody>(io)
                 .await
                 .map_err(|e| {
