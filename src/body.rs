@@ -35,6 +35,8 @@ pub struct UpstreamBody {
     held: Option<Held>,
     log: Option<(Exchange, u16)>,
     bytes: u64,
+    idle_limit: std::time::Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 struct Held {
@@ -49,6 +51,7 @@ impl UpstreamBody {
         permit: OwnedSemaphorePermit,
         conn: Option<Return>,
         log: (Exchange, u16),
+        idle_limit: std::time::Duration,
     ) -> Self {
         let held = Some(Held {
             _permit: permit,
@@ -59,6 +62,8 @@ impl UpstreamBody {
             held,
             log: Some(log),
             bytes: 0,
+            idle_limit,
+            stalled: None,
         };
         if body.inner.is_end_stream() {
             body.release(true);
@@ -79,15 +84,42 @@ impl UpstreamBody {
     }
 }
 
+/// A body error: the upstream's, or the proxy's own idle deadline.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(BodyError::from);
+        let polled = match polled {
+            Poll::Ready(ready) => {
+                self.stalled = None;
+                Poll::Ready(ready)
+            }
+            // An upstream that sends its headers and then nothing would hold the application
+            // and a place under the cap forever: no progress within the response timeout
+            // ends the body with an error, so the application sees it cut, not complete.
+            Poll::Pending => {
+                let limit = self.idle_limit;
+                let stalled = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match std::future::Future::poll(stalled.as_mut(), cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the upstream sent nothing for {limit:?} in the middle of its answer"),
+                    ))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        };
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             self.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
         }
@@ -118,12 +150,12 @@ impl Drop for UpstreamBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b.as_mut()).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),

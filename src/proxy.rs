@@ -195,7 +195,13 @@ impl Proxy {
             ));
         };
         log.upstream_ms = Some((sent_at.elapsed().as_secs_f64() * 10_000.0).round() / 10.0);
-        let body = UpstreamBody::new(body, permit, conn_return, (log, status));
+        let body = UpstreamBody::new(
+            body,
+            permit,
+            conn_return,
+            (log, status),
+            self.response_timeout,
+        );
         Ok(Response::from_parts(
             parts,
             ProxyBody::Upstream(Box::new(body)),

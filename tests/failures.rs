@@ -225,3 +225,25 @@ async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
         .unwrap();
     String::from_utf8_lossy(&out[..n]).into_owned()
 }
+
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_not_waited_on_forever() {
+    let s = Setup::new(&["--response-timeout", "500ms"]).await;
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = tx.send_request(get("/stallbody")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("the application is still waiting for a stalled body");
+    assert!(body.is_err(), "a stalled body was presented as complete");
+    // Its place under the cap is free again, and the proxy serves.
+    assert_eq!(s.proxy.proxy.limiter.in_flight(), 0);
+    assert_eq!(s.get("/x").await.status, 200);
+}

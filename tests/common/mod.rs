@@ -173,6 +173,13 @@ pub fn lab_handler(lab: Arc<Lab>) -> Handler {
                 r
             } else if let Some(n) = arg("/chunked/") {
                 Response::new(stream_bytes(n))
+            } else if path == "/stallbody" {
+                // Headers and a first chunk, then silence.
+                let mut r = Response::new(
+                    StreamBody::new(Stall(Some(Bytes::from_static(b"first")))).boxed(),
+                );
+                r.headers_mut().insert("content-length", 1000.into());
+                r
             } else if path == "/hang" {
                 std::future::pending::<()>().await;
                 unreachable!()
@@ -459,5 +466,21 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
         headers: parts.headers,
         body: collected.to_bytes(),
         trailers,
+    }
+}
+
+/// A body stream that yields one chunk and then never another.
+pub struct Stall(pub Option<Bytes>);
+
+impl futures_core::Stream for Stall {
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.0.take() {
+            Some(b) => std::task::Poll::Ready(Some(Ok(Frame::data(b)))),
+            None => std::task::Poll::Pending,
+        }
     }
 }
