@@ -5,188 +5,24 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::process::Proc;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, Instant};
 use vero_proxy::demo::standin::StandIn;
-
-const BIN: &str = env!("CARGO_BIN_EXE_vero-proxy");
 
 /// How long a refused start may take before the test calls it a hang.
 const EXIT_WITHIN: Duration = Duration::from_secs(30);
-
-/// The spawned binary, its stderr arriving line by line (colour escapes removed).
-struct Proc {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    log: Vec<String>,
-}
-
-impl Proc {
-    /// Starts the binary with `args` (without argv0), logging at info level without colour, and
-    /// with no `VERO_PROXY_*` variable inherited from the test's environment.
-    fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Proc {
-        Self::spawn_logging(args, "info")
-    }
-
-    /// As `spawn`, logging at `level`.
-    fn spawn_logging<S: AsRef<std::ffi::OsStr>>(args: &[S], level: &str) -> Proc {
-        let mut cmd = Command::new(BIN);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("VERO_PROXY_") {
-                cmd.env_remove(name);
-            }
-        }
-        cmd.env("VERO_PROXY_LOG", level)
-            .env("NO_COLOR", "1")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("cannot start vero-proxy");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match r.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {
-                        let line = strip_ansi(&String::from_utf8_lossy(&buf));
-                        if tx.send(line.trim_end().to_owned()).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        Proc {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stderr(&self) -> String {
-        self.log.join("\n")
-    }
-
-    /// Waits for a stderr line containing `needle` and returns it.
-    async fn wait_line(&mut self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            match timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Ok(None) => {
-                    let status = self.child.wait();
-                    panic!(
-                        "vero-proxy exited ({status:?}) before logging {needle:?}; its stderr:\n{}",
-                        self.stderr()
-                    )
-                }
-                Err(_) => panic!(
-                    "no {needle:?} in vero-proxy's stderr within {within:?}; so far:\n{}",
-                    self.stderr()
-                ),
-            }
-        }
-    }
-
-    /// Waits for the process to close its stderr and exit.
-    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            match timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => self.log.push(line),
-                Ok(None) => break,
-                Err(_) => panic!(
-                    "vero-proxy did not exit within {within:?}; its stderr:\n{}",
-                    self.stderr()
-                ),
-            }
-        }
-        self.child.wait().unwrap()
-    }
-
-    /// Starts, then returns the address from the "vero-proxy is serving listen=..." line.
-    async fn serving(&mut self) -> String {
-        let line = self
-            .wait_line("vero-proxy is serving", Duration::from_secs(30))
-            .await;
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix("listen="))
-            .unwrap_or_else(|| panic!("no listen= in {line:?}"))
-            .to_owned()
-    }
-
-    /// Sends SIGTERM at once: the handlers are installed before the "serving" line, so a
-    /// SIGTERM straight after it must drain, not kill the process.
-    async fn terminate(&self) {
-        self.signal("TERM");
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("cannot run kill");
-        assert!(st.success(), "kill -{sig} {} failed", self.pid());
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // A failed test must not leave a proxy running.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('\u{40}'..='\u{7e}').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// `proxy_args` without argv0, with `--listen` set to `listen`.
 fn args_listening_on(pki: &Pki, upstream: &str, listen: &str, extra: &[&str]) -> Vec<String> {

@@ -5,127 +5,24 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::process::Proc;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use tokio::sync::mpsc;
-use tokio::time::{timeout_at, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_vero-proxy");
 
 /// Bound on every wait for the process: to start serving, or to exit after a refusal.
 const WITHIN: Duration = Duration::from_secs(30);
 
-/// The spawned binary with its stderr arriving line by line.
-struct Proc {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    log: Vec<String>,
-}
-
-impl Proc {
-    /// Starts the binary with `args` and `env`, and no `VERO_PROXY_*` variable of the test's own.
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(BIN);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("VERO_PROXY_") {
-                cmd.env_remove(name);
-            }
-        }
-        cmd.env("VERO_PROXY_LOG", "info")
-            .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("cannot start vero-proxy");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.log.join("\n")
-    }
-
-    /// Waits for the "vero-proxy is serving" line and returns its (listen, admin) addresses.
-    async fn serving(&mut self) -> (String, String) {
-        let deadline = Instant::now() + WITHIN;
-        loop {
-            match timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => {
-                    self.log.push(line.clone());
-                    if line.contains("vero-proxy is serving") {
-                        let field = |name: &str| {
-                            line.split_whitespace()
-                                .find_map(|w| w.strip_prefix(name))
-                                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                                .to_owned()
-                        };
-                        return (field("listen="), field("admin="));
-                    }
-                }
-                Ok(None) => panic!(
-                    "vero-proxy exited ({:?}) before serving; its stderr:\n{}",
-                    self.child.wait(),
-                    self.stderr()
-                ),
-                Err(_) => panic!("not serving within {WITHIN:?}; so far:\n{}", self.stderr()),
-            }
-        }
-    }
-
-    /// Waits for the process to close its stderr and exit.
-    async fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WITHIN;
-        loop {
-            match timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => self.log.push(line),
-                Ok(None) => break,
-                Err(_) => panic!(
-                    "did not exit within {WITHIN:?}; its stderr:\n{}",
-                    self.stderr()
-                ),
-            }
-        }
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // A failed test must not leave a proxy running.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// Runs the binary expecting a refusal; returns its stderr after checking how it ended.
 async fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut p = Proc::spawn(args, env);
-    let status = p.wait_exit().await;
+    let mut p = Proc::spawn_with(args, env, "info");
+    let status = p.wait_exit(WITHIN).await;
     let log = p.stderr();
     assert!(
         status.code().is_some_and(|c| c != 0),
@@ -173,8 +70,8 @@ async fn the_files_settings_reach_the_upstream() {
         upstream-protocol = "http1"
         "#,
     );
-    let mut p = Proc::spawn(&["--config", s(&file)], &[]);
-    let (listen, admin) = p.serving().await;
+    let mut p = Proc::spawn_env(&["--config", s(&file)], &[]);
+    let (listen, admin) = p.serving_addrs().await;
     // The defaults are 127.0.0.1:8080 and 127.0.0.1:9901: port 0 can only come from the file.
     assert_ne!(listen, "127.0.0.1:8080");
     assert_ne!(admin, "127.0.0.1:9901");
@@ -211,14 +108,14 @@ async fn flags_beat_the_environment_and_the_environment_beats_the_file() {
     let flag_sock = format!("unix:{}", dir.path().join("flag.sock").display());
 
     // The file named by VERO_PROXY_CONFIG; its listen loses to VERO_PROXY_LISTEN.
-    let mut p = Proc::spawn(
+    let mut p = Proc::spawn_env(
         &["run"],
         &[
             ("VERO_PROXY_CONFIG", s(&file)),
             ("VERO_PROXY_LISTEN", &env_sock),
         ],
     );
-    let (listen, admin) = p.serving().await;
+    let (listen, admin) = p.serving_addrs().await;
     assert_eq!(listen, env_sock);
     assert_ne!(
         admin, "127.0.0.1:9901",
@@ -227,11 +124,11 @@ async fn flags_beat_the_environment_and_the_environment_beats_the_file() {
     drop(p);
 
     // A flag beats both.
-    let mut p = Proc::spawn(
+    let mut p = Proc::spawn_env(
         &["--config", s(&file), "--listen", &flag_sock],
         &[("VERO_PROXY_LISTEN", &env_sock)],
     );
-    let (listen, _) = p.serving().await;
+    let (listen, _) = p.serving_addrs().await;
     assert_eq!(listen, flag_sock);
 }
 
@@ -256,8 +153,8 @@ async fn a_remote_listen_from_the_file_is_refused_naming_the_flag_key_and_file()
         NOWHERE,
         "listen = \"0.0.0.0:0\"\nadmin-listen = \"127.0.0.1:0\"\nallow-remote-clients = true",
     );
-    let mut p = Proc::spawn(&["run", "--config", s(&file)], &[]);
-    let (listen, _) = p.serving().await;
+    let mut p = Proc::spawn_env(&["run", "--config", s(&file)], &[]);
+    let (listen, _) = p.serving_addrs().await;
     assert!(listen.starts_with("0.0.0.0:"), "{listen}");
     drop(p);
 
