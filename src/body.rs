@@ -11,7 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::Exchange;
 use crate::metrics::ByteCount;
-use crate::upstream::pool::Return;
+use crate::upstream::conn::Return;
 
 /// A response body.
 pub enum ProxyBody {

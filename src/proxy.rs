@@ -18,8 +18,8 @@ use crate::error::{find_tls_error, ProxyError};
 use crate::gate::Gate;
 use crate::identity::rfc3339;
 use crate::metrics::{ByteCount, Metrics};
+use crate::upstream::conn::{Return, SendError};
 use crate::upstream::limit::Limiter;
-use crate::upstream::pool::{Return, SendError};
 use crate::upstream::{tls, SharedUpstream, Upstream};
 
 /// Headers set on every forwarded request (`--add-header`), swapped when a value file changes.

@@ -1,4 +1,5 @@
-//! The cap on concurrent upstream requests, with a bounded, time-limited queue in front of it.
+//! The caps towards the upstream: concurrent requests (with a bounded, time-limited queue in
+//! front) and open connections (`ConnLimit`, shared by every pool, connecting included).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -70,5 +71,65 @@ impl Limiter {
     /// Requests waiting now.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// The cap on upstream connections, shared by every pool, with a count of those open
+/// (connecting included) and the most ever open at once.
+pub struct ConnLimit {
+    sem: Arc<Semaphore>,
+    open: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// One connection's place under the cap, held for the connection's life.
+pub struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    limit: Arc<ConnLimit>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.limit.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnLimit {
+    /// A cap of `max` connections.
+    pub fn new(max: usize) -> Arc<ConnLimit> {
+        Arc::new(ConnLimit {
+            sem: Arc::new(Semaphore::new(max)),
+            open: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        })
+    }
+
+    pub(super) async fn acquire(self: &Arc<Self>) -> Option<ConnSlot> {
+        let permit = self.sem.clone().acquire_owned().await.ok()?;
+        Some(self.slot(permit))
+    }
+
+    pub(super) fn try_acquire(self: &Arc<Self>) -> Option<ConnSlot> {
+        let permit = self.sem.clone().try_acquire_owned().ok()?;
+        Some(self.slot(permit))
+    }
+
+    fn slot(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> ConnSlot {
+        let now = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        ConnSlot {
+            _permit: permit,
+            limit: self.clone(),
+        }
+    }
+
+    /// Connections open or connecting now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The most connections ever open or connecting at once.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
     }
 }

@@ -1,6 +1,7 @@
 //! Identity -> rustls `ClientConfig` -> bounded connection pool: one immutable [`Upstream`] per
 //! identity, swapped whole when the identity or the pool is replaced.
 
+pub mod conn;
 pub mod egress;
 pub mod limit;
 pub mod pool;
@@ -16,7 +17,8 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use egress::{Egress, EgressError, ProxyEnv, Route};
-use pool::{ConnLimit, Pool, PoolSettings};
+use limit::ConnLimit;
+use pool::{Pool, PoolSettings};
 
 /// One identity's way to the upstream. Requests take an `Arc` of it at their start and keep it to
 /// their end, so a swap never changes a request halfway.

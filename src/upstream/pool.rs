@@ -2,87 +2,26 @@
 //!
 //! Why not hyper-util's legacy client: its pool has no cap on connections, and while handshakes
 //! are slow it keeps opening more (hundreds per identity swap). Here every connection, connecting
-//! or open, holds a permit of one semaphore shared by all pools, so the upstream never sees more
+//! or open, holds a place of one `ConnLimit` shared by all pools, so the upstream never sees more
 //! than `--max-upstream-concurrency` connections from us, even across a swap.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
+use super::conn::{Conn, Sender};
+use super::limit::{ConnLimit, ConnSlot};
 use super::tls::{classify_tls, AlertProbe, TlsFailure};
 use crate::body::RequestBody;
 use crate::cli::UpstreamProtocol;
 use crate::config::UpstreamTarget;
 use crate::error::ProxyError;
-
-/// The cap on upstream connections, shared by every pool, with a count of those open
-/// (connecting included) and the most ever open at once.
-pub struct ConnLimit {
-    sem: Arc<Semaphore>,
-    open: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-/// One connection's place under the cap, held for the connection's life.
-pub struct ConnSlot {
-    _permit: OwnedSemaphorePermit,
-    limit: Arc<ConnLimit>,
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.limit.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl ConnLimit {
-    /// A cap of `max` connections.
-    pub fn new(max: usize) -> Arc<ConnLimit> {
-        Arc::new(ConnLimit {
-            sem: Arc::new(Semaphore::new(max)),
-            open: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
-        })
-    }
-
-    async fn acquire(self: &Arc<Self>) -> Option<ConnSlot> {
-        let permit = self.sem.clone().acquire_owned().await.ok()?;
-        Some(self.slot(permit))
-    }
-
-    fn try_acquire(self: &Arc<Self>) -> Option<ConnSlot> {
-        let permit = self.sem.clone().try_acquire_owned().ok()?;
-        Some(self.slot(permit))
-    }
-
-    fn slot(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> ConnSlot {
-        let now = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-        self.peak.fetch_max(now, Ordering::Relaxed);
-        ConnSlot {
-            _permit: permit,
-            limit: self.clone(),
-        }
-    }
-
-    /// Connections open or connecting now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// The most connections ever open or connecting at once.
-    pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
-    }
-}
 
 /// Everything a pool needs to open connections.
 pub struct PoolSettings {
@@ -107,68 +46,6 @@ pub struct PoolSettings {
 /// Largest read buffer of an HTTP/1.1 upstream connection.
 const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
-/// A request sender on one upstream connection.
-pub enum Sender {
-    /// HTTP/1.1: one request at a time; goes back to the pool when its response body ends.
-    H1(http1::SendRequest<RequestBody>),
-    /// HTTP/2: shared by all requests.
-    H2(http2::SendRequest<RequestBody>),
-}
-
-/// A connection taken from the pool for one request.
-pub struct Conn {
-    sender: Sender,
-    failure: TlsFailure,
-    /// True when the connection had served an earlier request (it may have been closed meanwhile).
-    pub reused: bool,
-    pool: Weak<Inner>,
-}
-
-/// Hands an HTTP/1.1 connection back to its pool once the response body has ended.
-pub struct Return {
-    sender: http1::SendRequest<RequestBody>,
-    failure: TlsFailure,
-    pool: Weak<Inner>,
-}
-
-impl Return {
-    /// Puts the connection back as idle (if its pool still exists and is in service).
-    pub fn give_back(self) {
-        if let Some(pool) = self.pool.upgrade() {
-            Inner::checkin(&pool, self.sender, self.failure);
-        }
-    }
-}
-
-/// A failed send; `request` is given back when nothing of it reached the connection.
-pub struct SendError {
-    /// What failed.
-    pub error: hyper::Error,
-    /// The request, when it was not sent at all and may be sent again.
-    pub request: Option<Request<RequestBody>>,
-    /// The TLS error seen on the connection, if any (an alert refusing our certificate).
-    pub tls: Option<rustls::Error>,
-    /// An HTTP/2 server refused the stream unprocessed (graceful GOAWAY beyond its last
-    /// stream id, or REFUSED_STREAM): the request may be sent again, if its body was kept.
-    pub refused_unprocessed: bool,
-}
-
-/// Whether an HTTP/2 failure guarantees the server did not process the request (RFC 9113
-/// section 8.7): a stream beyond a graceful GOAWAY's last id, or REFUSED_STREAM.
-fn refused_unprocessed(err: &hyper::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away()
-                    && h2.is_remote()
-                    && h2.reason() == Some(h2::Reason::NO_ERROR));
-        }
-        cur = e.source();
-    }
-    false
-}
-
 /// Counters for tests and the benchmark.
 #[derive(Debug, Default)]
 pub struct PoolStats {
@@ -189,7 +66,8 @@ struct State {
     h2: Option<(http2::SendRequest<RequestBody>, TlsFailure)>,
 }
 
-struct Inner {
+/// The pool's shared state; `Conn` and `Return` hold a weak reference to it.
+pub(super) struct Inner {
     settings: PoolSettings,
     connector: TlsConnector,
     server_name: ServerName<'static>,
@@ -407,7 +285,7 @@ impl Inner {
     }
 
     /// Stops handing out an HTTP/2 connection the server is closing (after a GOAWAY).
-    fn forget_h2(&self, failure: &TlsFailure) {
+    pub(super) fn forget_h2(&self, failure: &TlsFailure) {
         if let Ok(mut st) = self.state.lock() {
             if st.h2.as_ref().is_some_and(|(_, f)| Arc::ptr_eq(f, failure)) {
                 st.h2 = None;
@@ -444,7 +322,11 @@ impl Inner {
         None
     }
 
-    fn checkin(self: &Arc<Self>, sender: http1::SendRequest<RequestBody>, failure: TlsFailure) {
+    pub(super) fn checkin(
+        self: &Arc<Self>,
+        sender: http1::SendRequest<RequestBody>,
+        failure: TlsFailure,
+    ) {
         if self.retired.load(Ordering::Relaxed) || sender.is_closed() {
             return;
         }
@@ -593,115 +475,4 @@ pub(super) async fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, Prox
         Some((addr, e)) => format!("cannot connect to {host}:{port} ({addr}): {e}"),
         None => format!("{host} resolved to no address"),
     }))
-}
-
-/// On a connection that failed at its first request, the server's TLS alert can arrive just
-/// after the failure itself surfaced (a write broke first): the connection task reads it
-/// moments later. Waits briefly for it, so a refused certificate is named as such.
-async fn alert_after_failure(slot: &TlsFailure) -> Option<rustls::Error> {
-    for _ in 0..20 {
-        if let Some(e) = slot.get() {
-            return Some(e.clone());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    slot.get().cloned()
-}
-
-impl Conn {
-    /// Whether this is an HTTP/2 connection.
-    pub fn is_h2(&self) -> bool {
-        matches!(self.sender, Sender::H2(_))
-    }
-
-    /// Sends a request whose URI is `path?query`; sets the URI form and `Host` the protocol needs.
-    /// For HTTP/1.1, also returns the handle that gives the connection back after the body ends.
-    pub async fn send(
-        self,
-        req: Request<RequestBody>,
-        authority: &http::uri::Authority,
-    ) -> Result<(Response<Incoming>, Option<Return>), SendError> {
-        let (failure, fresh) = (self.failure.clone(), !self.reused);
-        let mut result = self.send_once(req, authority).await;
-        if let Err(e) = &mut result {
-            if e.tls.is_none() && fresh {
-                e.tls = alert_after_failure(&failure).await;
-            }
-        }
-        result
-    }
-
-    async fn send_once(
-        self,
-        mut req: Request<RequestBody>,
-        authority: &http::uri::Authority,
-    ) -> Result<(Response<Incoming>, Option<Return>), SendError> {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
-        match self.sender {
-            Sender::H1(mut tx) => {
-                *req.version_mut() = http::Version::HTTP_11;
-                *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                    req.headers_mut().insert(http::header::HOST, v);
-                }
-                // A parked connection may still be finishing its previous response; one the
-                // server closed meanwhile fails here with the request unsent, so it can be retried.
-                if let Err(error) = tx.ready().await {
-                    return Err(SendError {
-                        request: Some(req),
-                        error,
-                        tls: self.failure.get().cloned(),
-                        refused_unprocessed: false,
-                    });
-                }
-                let fut = tx.try_send_request(req);
-                match fut.await {
-                    Ok(resp) => Ok((
-                        resp,
-                        Some(Return {
-                            sender: tx,
-                            failure: self.failure,
-                            pool: self.pool,
-                        }),
-                    )),
-                    Err(mut e) => Err(SendError {
-                        request: e.take_message(),
-                        error: e.into_error(),
-                        tls: self.failure.get().cloned(),
-                        refused_unprocessed: false,
-                    }),
-                }
-            }
-            Sender::H2(mut tx) => {
-                *req.version_mut() = http::Version::HTTP_2;
-                // hyper would send Host besides :authority; some servers refuse the duplicate.
-                req.headers_mut().remove(http::header::HOST);
-                let uri = format!("https://{authority}{pq}");
-                *req.uri_mut() = Uri::try_from(uri).unwrap_or_else(|_| Uri::from_static("/"));
-                match tx.try_send_request(req).await {
-                    Ok(resp) => Ok((resp, None)),
-                    Err(mut e) => {
-                        let request = e.take_message();
-                        let error = e.into_error();
-                        let refused = refused_unprocessed(&error);
-                        if refused {
-                            if let Some(pool) = self.pool.upgrade() {
-                                pool.forget_h2(&self.failure);
-                            }
-                        }
-                        Err(SendError {
-                            request,
-                            error,
-                            tls: self.failure.get().cloned(),
-                            refused_unprocessed: refused,
-                        })
-                    }
-                }
-            }
-        }
-    }
 }
