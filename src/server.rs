@@ -150,6 +150,7 @@ pub async fn accept_loop(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
+    let (mut last_warning, mut failures) = (None, 0u64);
     loop {
         // Past the limit, stop accepting: new connections wait in the kernel's backlog.
         let slot = tokio::select! {
@@ -163,8 +164,16 @@ pub async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                // Out of file descriptors and the like: back off instead of spinning.
+                // Out of file descriptors and the like: say so at most once a second (with how
+                // often it happened meanwhile), and back off instead of spinning.
+                failures += 1;
+                if last_warning
+                    .is_none_or(|t: std::time::Instant| t.elapsed() >= Duration::from_secs(1))
+                {
+                    tracing::warn!(error = %e, failures, "accept failed; new connections wait until resources free up");
+                    last_warning = Some(std::time::Instant::now());
+                    failures = 0;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
