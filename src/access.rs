@@ -16,12 +16,13 @@ pub struct Exchange {
     /// The request id (the application's `x-request-id` when usable, else ours).
     pub id: String,
     method: Method,
-    path: String,
+    /// The request's URI (a cheap clone); only its path is ever logged.
+    uri: http::Uri,
     started: Instant,
     /// Time from sending upstream to the upstream's response headers.
     pub upstream_ms: Option<f64>,
-    /// Serial of the identity the request went out with.
-    pub serial: Option<String>,
+    /// The identity the request went out with (its serial is logged).
+    pub identity: Option<Arc<crate::identity::Identity>>,
     /// Request body bytes sent upstream.
     pub request_bytes: ByteCount,
     metrics: Arc<Metrics>,
@@ -49,10 +50,10 @@ impl Exchange {
         Exchange {
             id,
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            uri: req.uri().clone(),
             started: Instant::now(),
             upstream_ms: None,
-            serial: None,
+            identity: None,
             request_bytes: ByteCount::default(),
             metrics,
         }
@@ -75,12 +76,12 @@ impl Exchange {
             target: "access",
             request_id = %self.id,
             method = %self.method,
-            path = %self.path,
+            path = %self.uri.path(),
             status,
             error = e.code(),
             ms = self.ms(),
             upstream_ms = self.upstream_ms,
-            serial = self.serial.as_deref(),
+            serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
             "{e}"
         );
     }
@@ -92,20 +93,20 @@ impl Exchange {
             .record(&self.method, status, self.started.elapsed().as_secs_f64());
         self.metrics.request_bytes.inc_by(request_bytes);
         self.metrics.response_bytes.inc_by(response_bytes);
-        let fields = (&self.id, &self.method, &self.path);
+        let fields = (&self.id, &self.method, self.uri.path());
         if complete {
             tracing::info!(
                 target: "access",
                 request_id = %fields.0, method = %fields.1, path = %fields.2, status,
                 request_bytes, response_bytes, ms = self.ms(), upstream_ms = self.upstream_ms,
-                serial = self.serial.as_deref()
+                serial = self.identity.as_ref().map(|i| i.info.serial.as_str())
             );
         } else {
             tracing::warn!(
                 target: "access",
                 request_id = %fields.0, method = %fields.1, path = %fields.2, status,
                 request_bytes, response_bytes, ms = self.ms(), upstream_ms = self.upstream_ms,
-                serial = self.serial.as_deref(),
+                serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
                 "the answer was cut off before its end (the application went away or the upstream failed mid-body)"
             );
         }

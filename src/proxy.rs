@@ -176,7 +176,7 @@ impl Proxy {
             )));
         }
         if let Some(l) = log.as_mut() {
-            l.serial = Some(upstream.identity.info.serial.clone());
+            l.identity = Some(upstream.identity.clone());
         }
         let sent_at = Instant::now();
         let sent =
@@ -224,10 +224,9 @@ impl Proxy {
                 upstream.identity.info.subject, upstream.identity.info.serial
             )
         };
-        let backup = match &body {
-            RequestBody::Full(Some(b)) => Some((head.clone(), b.clone())),
-            _ => None,
-        };
+        // Only HTTP/2 refuses streams unprocessed; the copy for a replay is made on such a
+        // connection only, so HTTP/1.1 requests do not pay for it.
+        let mut backup: Option<(Head, bytes::Bytes)> = None;
         let mut req = head.into_request(body);
         let (mut fresh_connection, mut refusals) = (false, 0);
         loop {
@@ -237,6 +236,11 @@ impl Proxy {
                 upstream.pool.checkout().await?
             };
             let reused = conn.reused;
+            if backup.is_none() && conn.is_h2() {
+                if let RequestBody::Full(Some(b)) = req.body() {
+                    backup = Some((Head::of(&req), b.clone()));
+                }
+            }
             match conn.send(req, &self.target.authority).await {
                 Ok(ok) => return Ok(ok),
                 Err(SendError {
@@ -298,6 +302,11 @@ impl Proxy {
         for (name, value) in self.added_headers.load().iter() {
             parts.headers.insert(name.clone(), value.clone());
         }
+        let origin_form = parts.uri.scheme().is_none() && parts.uri.path().starts_with('/');
+        if origin_form && self.target.base_path.is_empty() {
+            // The common case: the path and query go up exactly as they came.
+            return Request::from_parts(parts, body);
+        }
         let pq = parts
             .uri
             .path_and_query()
@@ -357,6 +366,14 @@ struct Head {
 }
 
 impl Head {
+    fn of<B>(req: &Request<B>) -> Head {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        }
+    }
+
     fn into_request(self, body: RequestBody) -> Request<RequestBody> {
         let mut req = Request::new(body);
         *req.method_mut() = self.method;

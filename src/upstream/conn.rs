@@ -74,6 +74,12 @@ fn refused_unprocessed(err: &hyper::Error) -> bool {
     false
 }
 
+/// The path and query of a URI (`/` when it has none).
+fn path_and_query(uri: &Uri) -> String {
+    uri.path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())
+}
+
 /// On a connection that failed at its first request, the server's TLS alert can arrive just
 /// after the failure itself surfaced (a write broke first): the connection task reads it
 /// moments later. Waits briefly for it, so a refused certificate is named as such.
@@ -115,17 +121,21 @@ impl Conn {
         mut req: Request<RequestBody>,
         authority: &http::uri::Authority,
     ) -> Result<(Response<Incoming>, Option<Return>), SendError> {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
         match self.sender {
             Sender::H1(mut tx) => {
                 *req.version_mut() = http::Version::HTTP_11;
-                *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                    req.headers_mut().insert(http::header::HOST, v);
+                // Already origin-form (the usual case) stays as it is; an absolute URI (a retry of
+                // a request first shaped for HTTP/2) is cut back to its path and query.
+                if req.uri().scheme().is_some() {
+                    let pq = path_and_query(req.uri());
+                    *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+                }
+                let host = match self.pool.upgrade() {
+                    Some(pool) => Some(pool.host_header.clone()),
+                    None => HeaderValue::from_str(authority.as_str()).ok(),
+                };
+                if let Some(host) = host {
+                    req.headers_mut().insert(http::header::HOST, host);
                 }
                 // A parked connection may still be finishing its previous response; one the
                 // server closed meanwhile fails here with the request unsent, so it can be retried.
@@ -159,7 +169,7 @@ impl Conn {
                 *req.version_mut() = http::Version::HTTP_2;
                 // hyper would send Host besides :authority; some servers refuse the duplicate.
                 req.headers_mut().remove(http::header::HOST);
-                let uri = format!("https://{authority}{pq}");
+                let uri = format!("https://{authority}{}", path_and_query(req.uri()));
                 *req.uri_mut() = Uri::try_from(uri).unwrap_or_else(|_| Uri::from_static("/"));
                 match tx.try_send_request(req).await {
                     Ok(resp) => Ok((resp, None)),

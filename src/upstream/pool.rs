@@ -78,6 +78,8 @@ pub(super) struct Inner {
     parked: tokio::sync::Notify,
     /// The upstream answered the last connect with HTTP/2.
     speaks_h2: AtomicBool,
+    /// `Host` for HTTP/1.1 requests: the upstream's authority, made once.
+    pub(super) host_header: http::HeaderValue,
 }
 
 /// What a request gets when it asks for a connection.
@@ -101,6 +103,13 @@ impl Pool {
                 settings.target.host
             ))
         })?;
+        let host_header =
+            http::HeaderValue::from_str(settings.target.authority.as_str()).map_err(|_| {
+                ProxyError::UpstreamUnreachable(format!(
+                    "{} cannot be a Host header",
+                    settings.target.authority
+                ))
+            })?;
         let inner = Arc::new(Inner {
             connector: TlsConnector::from(settings.tls.clone()),
             settings,
@@ -114,6 +123,7 @@ impl Pool {
             stats: PoolStats::default(),
             parked: tokio::sync::Notify::new(),
             speaks_h2: AtomicBool::new(false),
+            host_header,
         });
         let weak = Arc::downgrade(&inner);
         let every = (inner.settings.idle_timeout / 2).max(Duration::from_millis(500));
