@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
@@ -393,6 +394,8 @@ const REFUSED_RETRIES: u32 = 3;
 async fn read_small_body(body: Incoming, counted: ByteCount) -> Result<RequestBody, ProxyError> {
     use http_body::Body as _;
     match body.size_hint().exact() {
+        // No body at all (GET and friends): nothing to read.
+        Some(0) => Ok(RequestBody::Full(Some(Bytes::new()))),
         Some(n) if n <= KEPT_BODY_MAX => {
             let collected = http_body_util::BodyExt::collect(body).await.map_err(|e| {
                 ProxyError::ClientBodyIncomplete(format!(
