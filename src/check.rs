@@ -9,7 +9,6 @@ use http::Request;
 use crate::body::RequestBody;
 use crate::cli::CheckArgs;
 use crate::config::Config;
-use crate::error::ProxyError;
 use crate::identity::{self, rfc3339, RenewalState, Thresholds};
 use crate::upstream::{tls, UpstreamFactory};
 
@@ -183,8 +182,15 @@ async fn connect(
                     tls::client_cert_rejected(alert, authority.as_ref(), "our certificate")
                         .to_string()
                 }
-                _ => ProxyError::UpstreamUnreachable(format!("the request failed: {}", e.error))
-                    .to_string(),
+                // The handshake had just passed and the first request got no answer at all:
+                // under TLS 1.3 a refused certificate can arrive exactly so, when the alert is
+                // lost behind the connection's reset.
+                _ => format!(
+                    "the upstream closed the connection right after the TLS handshake without answering ({}): \
+                     it most likely refused our client certificate (wrong environment's certificate? expired? \
+                     not yet known to Vero API?)",
+                    e.error
+                ),
             };
             r.error(&format!("request to {target}: {msg}"));
             return Ok(());

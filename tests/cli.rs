@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::process::Proc;
+use common::process::{refused, Proc};
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
@@ -32,20 +32,6 @@ fn args_listening_on(pki: &Pki, upstream: &str, listen: &str, extra: &[&str]) ->
     v
 }
 
-/// Runs the binary expecting it to refuse to start; returns its stderr after checking the exit.
-async fn refused<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
-    let mut p = Proc::spawn(args);
-    let status = p.wait_exit(EXIT_WITHIN).await;
-    let log = p.stderr();
-    assert!(
-        status.code().is_some_and(|c| c != 0),
-        "expected a non-zero exit, got {status:?}; stderr:\n{log}"
-    );
-    assert!(!log.contains("panicked"), "it panicked:\n{log}");
-    assert!(!log.contains("vero-proxy is serving"), "it started:\n{log}");
-    log
-}
-
 /// An upstream that is never contacted: these processes stop before any request.
 const NOWHERE: &str = "https://localhost:9";
 
@@ -54,16 +40,19 @@ async fn missing_upstream_is_named() {
     let pki = Pki::new();
     let cert = pki.cert.display().to_string();
     let key = pki.key.display().to_string();
-    let log = refused(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--cert",
-        &cert,
-        "--key",
-        &key,
-    ])
+    let log = refused(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+        ],
+        &[],
+    )
     .await;
     assert!(log.contains("--upstream"), "{log}");
 }
@@ -72,7 +61,7 @@ async fn missing_upstream_is_named() {
 async fn missing_certificate_file_is_named() {
     let mut pki = Pki::new();
     pki.cert = pki.path("no-such-client.pem");
-    let log = refused(&proxy_args(&pki, NOWHERE, &[])[1..]).await;
+    let log = refused(&proxy_args(&pki, NOWHERE, &[])[1..], &[]).await;
     assert!(log.contains(&pki.cert.display().to_string()), "{log}");
 }
 
@@ -82,7 +71,7 @@ async fn key_of_another_pair_is_refused() {
     let other = pki.ca.client("7654321-0", "Muu Oy").unwrap();
     pki.key = pki.path("other.key");
     std::fs::write(&pki.key, &other.key_pem).unwrap();
-    let log = refused(&proxy_args(&pki, NOWHERE, &[])[1..]).await;
+    let log = refused(&proxy_args(&pki, NOWHERE, &[])[1..], &[]).await;
     assert!(log.contains("does not match"), "{log}");
 }
 
@@ -109,7 +98,7 @@ async fn expired_certificate_is_refused_with_its_date() {
     let now = time::OffsetDateTime::now_utc();
     let not_after = now - time::Duration::days(30);
     let pki = pki_valid(now - time::Duration::days(400), not_after);
-    let log = refused(&proxy_args(&pki, NOWHERE, &[])[1..]).await;
+    let log = refused(&proxy_args(&pki, NOWHERE, &[])[1..], &[]).await;
     assert!(log.contains("expired"), "{log}");
     assert!(log.contains(&not_after.date().to_string()), "{log}");
 }
@@ -119,7 +108,7 @@ async fn not_yet_valid_certificate_is_refused_with_its_date() {
     let now = time::OffsetDateTime::now_utc();
     let not_before = now + time::Duration::days(10);
     let pki = pki_valid(not_before, now + time::Duration::days(400));
-    let log = refused(&proxy_args(&pki, NOWHERE, &[])[1..]).await;
+    let log = refused(&proxy_args(&pki, NOWHERE, &[])[1..], &[]).await;
     assert!(log.contains("not valid until"), "{log}");
     assert!(log.contains(&not_before.date().to_string()), "{log}");
 }
@@ -127,7 +116,7 @@ async fn not_yet_valid_certificate_is_refused_with_its_date() {
 #[tokio::test]
 async fn non_loopback_listen_needs_allow_remote_clients() {
     let pki = Pki::new();
-    let log = refused(&args_listening_on(&pki, NOWHERE, "0.0.0.0:0", &[])).await;
+    let log = refused(&args_listening_on(&pki, NOWHERE, "0.0.0.0:0", &[]), &[]).await;
     assert!(log.contains("--allow-remote-clients"), "{log}");
 
     let mut p = Proc::spawn(&args_listening_on(
@@ -146,7 +135,11 @@ async fn non_loopback_listen_needs_allow_remote_clients() {
 #[tokio::test]
 async fn malformed_add_header_is_refused() {
     let pki = Pki::new();
-    let log = refused(&proxy_args(&pki, NOWHERE, &["--add-header", "Vero-SoftwareKey"])[1..]).await;
+    let log = refused(
+        &proxy_args(&pki, NOWHERE, &["--add-header", "Vero-SoftwareKey"])[1..],
+        &[],
+    )
+    .await;
     assert!(log.contains("--add-header"), "{log}");
     // The refusal does not echo what might be a secret.
     assert!(!log.contains("Vero-SoftwareKey"), "{log}");
@@ -157,14 +150,14 @@ async fn port_in_use_is_refused() {
     let pki = Pki::new();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let log = refused(&args_listening_on(&pki, NOWHERE, &addr, &[])).await;
+    let log = refused(&args_listening_on(&pki, NOWHERE, &addr, &[]), &[]).await;
     assert!(log.contains(&format!("cannot listen on {addr}")), "{log}");
 }
 
 #[tokio::test]
 async fn plain_http_upstream_is_refused() {
     let pki = Pki::new();
-    let log = refused(&proxy_args(&pki, "http://localhost:9", &[])[1..]).await;
+    let log = refused(&proxy_args(&pki, "http://localhost:9", &[])[1..], &[]).await;
     assert!(log.contains("--upstream"), "{log}");
     assert!(log.contains("https://"), "{log}");
 }
@@ -198,13 +191,6 @@ impl Spawned {
     fn addr(&self) -> SocketAddr {
         self.listen.parse().unwrap()
     }
-}
-
-fn get(path: &str) -> Request<Full<Bytes>> {
-    Request::get(path)
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
-        .unwrap()
 }
 
 fn mode_of(path: &Path) -> u32 {

@@ -8,30 +8,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use common::process::Proc;
+use common::process::{refused, Proc};
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-
-/// Bound on every wait for the process: to start serving, or to exit after a refusal.
-const WITHIN: Duration = Duration::from_secs(30);
-
-/// Runs the binary expecting a refusal; returns its stderr after checking how it ended.
-async fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut p = Proc::spawn_with(args, env, "info");
-    let status = p.wait_exit(WITHIN).await;
-    let log = p.stderr();
-    assert!(
-        status.code().is_some_and(|c| c != 0),
-        "expected a non-zero exit, got {status:?}; stderr:\n{log}"
-    );
-    assert!(!log.contains("panicked"), "it panicked:\n{log}");
-    assert!(!log.contains("vero-proxy is serving"), "it started:\n{log}");
-    log
-}
 
 /// Writes `vero-proxy.toml` in the PKI's directory: the identity of `pki`, `upstream`, and
 /// `extra` lines. Returns its path.
@@ -209,6 +191,6 @@ async fn a_wrong_file_is_refused_naming_the_key_and_the_file() {
     assert!(!log.contains("hunter2-secret"), "{log}");
 
     let missing = pki.path("no-such.toml");
-    let log = refused(&[], &[("VERO_PROXY_CONFIG", s(&missing))]).await;
+    let log = refused::<&str>(&[], &[("VERO_PROXY_CONFIG", s(&missing))]).await;
     assert!(log.contains(&missing.display().to_string()), "{log}");
 }

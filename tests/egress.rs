@@ -165,13 +165,6 @@ async fn proxy_with(pki: &Pki, upstream: &str, extra: &[&str]) -> SocketAddr {
     addr
 }
 
-fn get(path: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
-    http::Request::get(path)
-        .header("host", "localhost")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Through the running proxy.
 

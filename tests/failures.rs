@@ -21,13 +21,6 @@ async fn proxy_to(pki: &Pki, url: &str, extra: &[&str]) -> std::net::SocketAddr 
     addr
 }
 
-fn get(path: &str) -> Request<Full<Bytes>> {
-    Request::get(path)
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
-
 #[tokio::test]
 async fn refused_client_certificate_is_named_under_tls13_and_tls12() {
     let h1: &[&[u8]] = &[b"http/1.1"];

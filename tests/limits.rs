@@ -13,13 +13,6 @@ use http::Request;
 use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn get(path: &str) -> Request<Full<Bytes>> {
-    Request::get(path)
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
-
 #[tokio::test]
 async fn the_upstream_never_sees_more_than_the_cap() {
     let h1: &[&[u8]] = &[b"http/1.1"];

@@ -420,6 +420,14 @@ impl Setup {
     }
 }
 
+/// A GET of `path` with `Host: localhost` and no body.
+pub fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
 /// A whole answer.
 #[derive(Debug)]
 pub struct Answer {

@@ -175,3 +175,18 @@ impl Drop for Proc {
         }
     }
 }
+
+/// Runs the binary expecting it to refuse to start; returns its stderr after checking that it
+/// exited non-zero, did not panic and never served.
+pub async fn refused<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> String {
+    let mut p = Proc::spawn_with(args, env, "info");
+    let status = p.wait_exit(Duration::from_secs(30)).await;
+    let log = p.stderr();
+    assert!(
+        status.code().is_some_and(|c| c != 0),
+        "expected a non-zero exit, got {status:?}; stderr:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "it panicked:\n{log}");
+    assert!(!log.contains("vero-proxy is serving"), "it started:\n{log}");
+    log
+}
