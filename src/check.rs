@@ -155,6 +155,7 @@ async fn connect(
     let target = format!("{}{}", cfg.upstream.base_path, probe_path);
     let factory = UpstreamFactory::new(std::sync::Arc::new(cfg), roots, provider);
     let upstream = factory.build(std::sync::Arc::new(ident))?;
+    let who = upstream.identity.info.who();
     let conn = match upstream.pool.checkout().await {
         Ok(c) => c,
         Err(e) => {
@@ -178,10 +179,7 @@ async fn connect(
                 .as_ref()
                 .or_else(|| crate::error::find_tls_error(&e.error))
             {
-                Some(rustls::Error::AlertReceived(alert)) => {
-                    tls::client_cert_rejected(alert, authority.as_ref(), "our certificate")
-                        .to_string()
-                }
+                                Some(tls_err) => tls::answer_for(tls_err, authority.as_ref(), &who).to_string(),
                 // The handshake had just passed and the first request got no answer at all:
                 // under TLS 1.3 a refused certificate can arrive exactly so, when the alert is
                 // lost behind the connection's reset.

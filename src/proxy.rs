@@ -78,18 +78,20 @@ impl RequestIds {
 
 /// Whether a header is hop-by-hop (RFC 9110 section 7.6.1) and never forwarded as is.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+    HOP_BY_HOP.contains(&name.as_str())
 }
+
+/// The hop-by-hop headers of RFC 9110 section 7.6.1, plus the old `Proxy-Connection`.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -103,16 +105,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-    ] {
+    for n in HOP_BY_HOP {
         headers.remove(n);
     }
 }
@@ -219,12 +212,7 @@ impl Proxy {
         head: Head,
         body: RequestBody,
     ) -> Result<(Response<Incoming>, Option<Return>), ProxyError> {
-        let who = || {
-            format!(
-                "subject {}, serial {}",
-                upstream.identity.info.subject, upstream.identity.info.serial
-            )
-        };
+        let who = || upstream.identity.info.who();
         // Only HTTP/2 refuses streams unprocessed; the copy for a replay is made on such a
         // connection only, so HTTP/1.1 requests do not pay for it.
         let mut backup: Option<(Head, bytes::Bytes)> = None;
@@ -331,17 +319,7 @@ impl Proxy {
         let err = failed.error;
         // The connection's own record comes first: HTTP/2 errors do not carry their cause.
         if let Some(tls_err) = failed.tls.as_ref().or_else(|| find_tls_error(&err)) {
-            return match tls_err {
-                rustls::Error::AlertReceived(alert) => {
-                    tls::client_cert_rejected(alert, &target, who)
-                }
-                rustls::Error::InvalidCertificate(c) => ProxyError::UpstreamCertificateUntrusted(
-                    format!("{} ({target})", crate::error::describe_untrusted(c)),
-                ),
-                other => {
-                    ProxyError::UpstreamUnreachable(format!("TLS with {target} failed: {other}"))
-                }
-            };
+            return tls::answer_for(tls_err, &target, who);
         }
         if failed.refused_unprocessed {
             return ProxyError::UpstreamUnreachable(format!(

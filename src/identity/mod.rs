@@ -66,6 +66,11 @@ impl CertInfo {
         (self.not_after - unix(now)).div_euclid(86_400)
     }
 
+    /// The certificate in the words error messages use: subject and serial.
+    pub fn who(&self) -> String {
+        format!("subject {}, serial {}", self.subject, self.serial)
+    }
+
     /// Whether `now` falls inside the validity window.
     pub fn is_valid_at(&self, now: SystemTime) -> bool {
         let t = unix(now);

@@ -88,10 +88,7 @@ impl UpstreamFactory {
         identity: Arc<Identity>,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<Upstream, ProxyError> {
-        let who = format!(
-            "subject {}, serial {}",
-            identity.info.subject, identity.info.serial
-        );
+        let who = identity.info.who();
         let egress = self
             .egress
             .clone()

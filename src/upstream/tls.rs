@@ -87,14 +87,21 @@ pub fn client_config(
 /// message when the upstream refused it.
 pub fn classify_tls(err: &io::Error, target: &str, who: &str) -> ProxyError {
     match find_tls_error(err) {
-        Some(rustls::Error::InvalidCertificate(c)) => ProxyError::UpstreamCertificateUntrusted(
-            format!("{} ({target})", describe_untrusted(c)),
-        ),
-        Some(rustls::Error::AlertReceived(alert)) => client_cert_rejected(alert, target, who),
-        Some(other) => {
-            ProxyError::UpstreamUnreachable(format!("TLS with {target} failed: {other}"))
-        }
+        Some(tls) => answer_for(tls, target, who),
         None => ProxyError::UpstreamUnreachable(format!("connection to {target} failed: {err}")),
+    }
+}
+
+/// The proxy's answer for a TLS failure with `target`, wherever it surfaced (handshake, first
+/// read, HTTP/2 connection): an untrusted server, a refused client certificate, or other.
+pub fn answer_for(err: &rustls::Error, target: &str, who: &str) -> ProxyError {
+    match err {
+        rustls::Error::InvalidCertificate(c) => ProxyError::UpstreamCertificateUntrusted(format!(
+            "{} ({target})",
+            describe_untrusted(c)
+        )),
+        rustls::Error::AlertReceived(alert) => client_cert_rejected(alert, target, who),
+        other => ProxyError::UpstreamUnreachable(format!("TLS with {target} failed: {other}")),
     }
 }
 
