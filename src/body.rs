@@ -37,6 +37,7 @@ pub struct UpstreamBody {
     bytes: u64,
     idle_limit: std::time::Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    progressed: bool,
 }
 
 struct Held {
@@ -64,6 +65,7 @@ impl UpstreamBody {
             bytes: 0,
             idle_limit,
             stalled: None,
+            progressed: false,
         };
         if body.inner.is_end_stream() {
             body.release(true);
@@ -100,23 +102,34 @@ impl Body for UpstreamBody {
             .map_err(BodyError::from);
         let polled = match polled {
             Poll::Ready(ready) => {
-                self.stalled = None;
+                self.progressed = true;
                 Poll::Ready(ready)
             }
             // An upstream that sends its headers and then nothing would hold the application
             // and a place under the cap forever: no progress within the response timeout
-            // ends the body with an error, so the application sees it cut, not complete.
+            // ends the body with an error, so the application sees it cut, not complete. One
+            // timer per body, looked at only when it fires (not reset on every frame), so a
+            // stall is cut after one to two response timeouts.
             Poll::Pending => {
-                let limit = self.idle_limit;
-                let stalled = self
+                let this = &mut *self;
+                let limit = this.idle_limit;
+                let timer = this
                     .stalled
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                match std::future::Future::poll(stalled.as_mut(), cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::from(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("the upstream sent nothing for {limit:?} in the middle of its answer"),
-                    ))))),
-                    Poll::Pending => Poll::Pending,
+                loop {
+                    match std::future::Future::poll(timer.as_mut(), cx) {
+                        Poll::Pending => break Poll::Pending,
+                        Poll::Ready(()) if this.progressed => {
+                            this.progressed = false;
+                            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+                        }
+                        Poll::Ready(()) => {
+                            break Poll::Ready(Some(Err(BodyError::from(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("the upstream sent nothing for {limit:?} in the middle of its answer"),
+                            )))))
+                        }
+                    }
                 }
             }
         };
