@@ -36,6 +36,9 @@ pub enum Command {
     /// Check the configuration and identity without serving (like `nginx -t`); with --connect,
     /// also make a real handshake and one request to the upstream. Exit 0 when all is well.
     Check(Box<CheckArgs>),
+    /// The certificate lifecycle: inspect a certificate, get the first one with transfer IDs,
+    /// renew it through the Tax Administration's certificate service.
+    Cert(crate::cert::CertArgs),
 }
 
 /// Flags of `vero-proxy check`.

@@ -61,6 +61,14 @@ async fn main() -> std::process::ExitCode {
                 Err(e) => Err(e),
             }
         }
+        Some(Command::Cert(args)) => {
+            init_logging(LogFormat::Text, Some("warn"));
+            match vero_proxy::cert::run(args).await {
+                Ok(true) => return std::process::ExitCode::SUCCESS,
+                Ok(false) => return std::process::ExitCode::FAILURE,
+                Err(e) => Err(e),
+            }
+        }
         None => run(cli.run, from_file).await,
     };
     match result {
