@@ -23,6 +23,8 @@ pub struct Exchange {
     pub upstream_ms: Option<f64>,
     /// The identity the request went out with (its serial is logged).
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// The organisation the request was for (with several identities, or a CN business ID).
+    pub organisation: Option<crate::business_id::BusinessId>,
     /// Request body bytes sent upstream.
     pub request_bytes: ByteCount,
     metrics: Arc<Metrics>,
@@ -54,6 +56,7 @@ impl Exchange {
             started: Instant::now(),
             upstream_ms: None,
             identity: None,
+            organisation: None,
             request_bytes: ByteCount::default(),
             metrics,
         }
@@ -82,6 +85,7 @@ impl Exchange {
             ms = self.ms(),
             upstream_ms = self.upstream_ms,
             serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
+            organisation = self.organisation.as_ref().map(|o| o.as_str()),
             "{e}"
         );
     }
@@ -99,7 +103,8 @@ impl Exchange {
                 target: "access",
                 request_id = %fields.0, method = %fields.1, path = %fields.2, status,
                 request_bytes, response_bytes, ms = self.ms(), upstream_ms = self.upstream_ms,
-                serial = self.identity.as_ref().map(|i| i.info.serial.as_str())
+                serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
+                organisation = self.organisation.as_ref().map(|o| o.as_str())
             );
         } else {
             tracing::warn!(
@@ -107,6 +112,7 @@ impl Exchange {
                 request_id = %fields.0, method = %fields.1, path = %fields.2, status,
                 request_bytes, response_bytes, ms = self.ms(), upstream_ms = self.upstream_ms,
                 serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
+                organisation = self.organisation.as_ref().map(|o| o.as_str()),
                 "the answer was cut off before its end (the application went away or the upstream failed mid-body)"
             );
         }

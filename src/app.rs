@@ -11,15 +11,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminState;
-use crate::config::{AddHeader, Config, HeaderSource};
+use crate::config::{AddHeader, Config, HeaderSource, IdentityConfig};
 use crate::gate::Gate;
 use crate::identity;
 use crate::metrics::Metrics;
+use crate::orgs::{OrgParts, Orgs, Route};
+use crate::per_identity;
 use crate::proxy::{AddedHeaders, Proxy};
 use crate::reload::{log_identity, Reloader};
 use crate::server::{self, BoundAddr, ClientLimits};
 use crate::upstream::limit::Limiter;
-use crate::upstream::{tls, SharedUpstream, UpstreamFactory};
+use crate::upstream::{tls, UpstreamFactory};
 
 /// A started proxy.
 pub struct Running {
@@ -29,8 +31,8 @@ pub struct Running {
     pub admin: std::net::SocketAddr,
     /// The request service (for tests and the demo to look at).
     pub proxy: Arc<Proxy>,
-    /// The identity reloader.
-    pub reloader: Arc<Reloader>,
+    /// The identities in service.
+    pub orgs: Arc<Orgs>,
     shutdown: CancellationToken,
     /// What the admin endpoints answer from.
     pub admin_state: Arc<AdminState>,
@@ -39,6 +41,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The reloader of the one identity in service (`None` with several).
+    pub fn reloader(&self) -> Option<Arc<Reloader>> {
+        self.orgs.only().map(|o| o.reloader.clone())
+    }
+
     /// Starts draining: stop accepting, answer new requests with 503, let those in flight finish.
     pub fn begin_shutdown(&self) {
         self.shutdown.cancel();
@@ -112,16 +119,58 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     let provider = tls::provider();
     let roots = tls::trust_anchors(cfg.ca_file.as_deref())?;
-    let ident = identity::load(&cfg.identity, &provider, SystemTime::now())?;
     let thresholds = identity::Thresholds {
         warning_days: cfg.renewal_warning_days,
         critical_days: cfg.renewal_critical_days,
     };
-    log_identity(&ident, "client identity loaded");
-    ident.info.log_renewal(SystemTime::now(), thresholds);
     let metrics = Arc::new(Metrics::new());
     let factory = UpstreamFactory::new(cfg.clone(), roots, provider.clone());
-    let shared: SharedUpstream = Arc::new(ArcSwap::from_pointee(factory.build(Arc::new(ident))?));
+    factory.check()?;
+    let limiter = Arc::new(Limiter::new(
+        cfg.max_upstream_concurrency,
+        cfg.upstream_queue_size,
+        cfg.upstream_queue_timeout,
+    ));
+    let parts = OrgParts {
+        factory,
+        provider,
+        global: limiter.clone(),
+        metrics: metrics.clone(),
+        thresholds,
+        per_org_cap: cfg.max_upstream_concurrency_per_organisation,
+        queue: (cfg.upstream_queue_size, cfg.upstream_queue_timeout),
+        pkcs12_password_env: None,
+    };
+    let orgs = Arc::new(match &cfg.identity {
+        IdentityConfig::One(source) => {
+            let ident = identity::load(source, &parts.provider, SystemTime::now())?;
+            log_identity(&ident, "client identity loaded");
+            ident.info.log_renewal(SystemTime::now(), thresholds);
+            Orgs::single(ident, source.clone(), parts)?
+        }
+        IdentityConfig::Dir {
+            dir,
+            pkcs12_password,
+        } => {
+            let started = std::time::Instant::now();
+            let parts = OrgParts {
+                pkcs12_password_env: pkcs12_password.clone(),
+                ..parts
+            };
+            let (orgs, report) = Orgs::from_dir(dir.clone(), parts).await?;
+            tracing::info!(
+                dir = %dir.display(),
+                loaded = report.added.len(),
+                skipped = report.failed.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "identities loaded"
+            );
+            if orgs.is_empty() {
+                tracing::warn!(dir = %dir.display(), "no identity loaded yet: requests get 404 organisation_unknown until one is added");
+            }
+            orgs
+        }
+    });
     let added: AddedHeaders =
         Arc::new(ArcSwap::from_pointee(read_added_headers(&cfg.add_headers)?));
 
@@ -131,24 +180,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .await
         .map_err(|e| server::bind_error(&cfg.admin_listen.to_string(), "--admin-listen", e))?;
     let admin = admin_listener.local_addr()?;
+    if let Some(per) = &cfg.listen_per_identity {
+        per_identity::check_dir(per)?;
+    }
 
     let shutdown = CancellationToken::new();
-    let limiter = Arc::new(Limiter::new(
-        cfg.max_upstream_concurrency,
-        cfg.upstream_queue_size,
-        cfg.upstream_queue_timeout,
-    ));
-    let reloader = Arc::new(Reloader::new(
-        cfg.identity.clone(),
-        shared.clone(),
-        factory,
-        provider,
-        limiter.clone(),
-        metrics.clone(),
-        thresholds,
-    ));
     let proxy = Arc::new(Proxy {
-        upstream: shared.clone(),
+        orgs: orgs.clone(),
         limiter: limiter.clone(),
         gate: Gate::new(&cfg.listen, &cfg.allowed_hosts),
         target: cfg.upstream.clone(),
@@ -159,10 +197,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         ids: Default::default(),
     });
     let admin_state = Arc::new(AdminState {
-        upstream: shared.clone(),
+        orgs: orgs.clone(),
         accepting: true.into(),
         draining: false.into(),
-        reloader: reloader.clone(),
         metrics,
         limiter,
         thresholds,
@@ -175,7 +212,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     });
     let background = CancellationToken::new();
     identity::watch::spawn(
-        reloader.clone(),
+        orgs.clone(),
         cfg.reload_debounce,
         cfg.reload_interval,
         background.clone(),
@@ -185,17 +222,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         admin_state.clone(),
         background.clone(),
     ));
-    let reloader_handle = reloader.clone();
     tokio::spawn(refresh_pool(
-        reloader,
+        orgs.clone(),
         cfg.upstream_max_connection_age,
         background.clone(),
     ));
-    tokio::spawn(daily_renewal_notice(
-        shared.clone(),
-        thresholds,
-        background.clone(),
-    ));
+    tokio::spawn(daily_renewal_notice(orgs.clone(), background.clone()));
     if cfg
         .add_headers
         .iter()
@@ -205,10 +237,20 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
 
     tracing::info!(listen = %listen, admin = %admin, upstream = %cfg.upstream.authority, base_path = %cfg.upstream.base_path, "vero-proxy is serving");
+    let limits = ClientLimits::from_config(&cfg);
+    let sockets = cfg.listen_per_identity.clone().map(|per| {
+        tokio::spawn(per_identity::serve(
+            per,
+            proxy.clone(),
+            limits.clone(),
+            shutdown.clone(),
+        ))
+    });
     let accept = tokio::spawn(server::accept_loop(
         listener,
         proxy.clone(),
-        ClientLimits::from_config(&cfg),
+        Route::Header,
+        limits,
         shutdown.clone(),
     ));
     let grace = cfg.shutdown_grace;
@@ -220,10 +262,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         };
         admin_state.accepting.store(false, Ordering::Relaxed);
         tracing::info!(grace = ?grace, "draining: no new connections; requests in flight may finish");
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        let drain = async {
+            let per_identity = async {
+                if let Some(s) = sockets {
+                    if let Ok(drains) = s.await {
+                        drains.await;
+                    }
+                }
+            };
+            tokio::join!(graceful.shutdown(), per_identity);
+        };
+        if tokio::time::timeout(grace, drain).await.is_err() {
             tracing::warn!(
                 "requests still in flight after --shutdown-grace {grace:?}; closing them"
             );
@@ -231,7 +280,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         background.cancel();
     });
     Ok(Running {
-        reloader: reloader_handle,
+        orgs,
         listen,
         admin,
         proxy,
@@ -279,13 +328,9 @@ impl Signals {
     }
 }
 
-/// Replaces the pool every `max_age`, through the same swap a new identity uses, so DNS changes
+/// Replaces the pools every `max_age`, through the same swap a new identity uses, so DNS changes
 /// are seen and no connection lives forever.
-async fn refresh_pool(
-    reloader: Arc<Reloader>,
-    max_age: std::time::Duration,
-    stop: CancellationToken,
-) {
+async fn refresh_pool(orgs: Arc<Orgs>, max_age: std::time::Duration, stop: CancellationToken) {
     if max_age.is_zero() {
         return;
     }
@@ -294,7 +339,7 @@ async fn refresh_pool(
             _ = tokio::time::sleep(max_age) => {},
             _ = stop.cancelled() => return,
         }
-        reloader.refresh_pool().await;
+        orgs.refresh_pools().await;
     }
 }
 
@@ -330,23 +375,15 @@ async fn refresh_headers(cfg: Arc<Config>, added: AddedHeaders, stop: Cancellati
     }
 }
 
-/// Repeats the renewal notice once a day while the identity in service is inside the renewal
+/// Repeats the renewal notice once a day while an identity in service is inside the renewal
 /// window, so it cannot scroll out of sight.
-async fn daily_renewal_notice(
-    shared: SharedUpstream,
-    thresholds: identity::Thresholds,
-    stop: CancellationToken,
-) {
+async fn daily_renewal_notice(orgs: Arc<Orgs>, stop: CancellationToken) {
     let day = std::time::Duration::from_secs(86_400);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(day) => {},
             _ = stop.cancelled() => return,
         }
-        shared
-            .load()
-            .identity
-            .info
-            .log_renewal(SystemTime::now(), thresholds);
+        orgs.log_renewal();
     }
 }

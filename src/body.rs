@@ -4,10 +4,10 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::upstream::limit::Places;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::Exchange;
 use crate::metrics::ByteCount;
@@ -41,7 +41,7 @@ pub struct UpstreamBody {
 }
 
 struct Held {
-    _permit: OwnedSemaphorePermit,
+    _permit: Places,
     conn: Option<Return>,
 }
 
@@ -49,7 +49,7 @@ impl UpstreamBody {
     /// Wraps an upstream body.
     pub fn new(
         inner: Incoming,
-        permit: OwnedSemaphorePermit,
+        permit: Places,
         conn: Option<Return>,
         log: (Exchange, u16),
         idle_limit: std::time::Duration,

@@ -8,8 +8,8 @@ use http::Request;
 
 use crate::body::RequestBody;
 use crate::cli::CheckArgs;
-use crate::config::Config;
-use crate::identity::{self, rfc3339, RenewalState, Thresholds};
+use crate::config::{Config, IdentityConfig};
+use crate::identity::{self, rfc3339, IdentitySource, RenewalState, Thresholds};
 use crate::upstream::{tls, UpstreamFactory};
 
 /// Collects the report's lines and whether anything failed.
@@ -71,12 +71,67 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<bool> {
     for w in &cfg.warnings {
         r.warn(w);
     }
+    if let Err(e) = crate::app::read_added_headers(&cfg.add_headers) {
+        r.error(&format!("added headers: {e}"));
+    }
     let provider = tls::provider();
-    let ident = match identity::load(&cfg.identity, &provider, SystemTime::now()) {
+    match &cfg.identity {
+        IdentityConfig::One(source) => {
+            check_identity(&mut r, &cfg, source, &provider, args).await?;
+        }
+        IdentityConfig::Dir {
+            dir,
+            pkcs12_password,
+        } => {
+            let names = match std::fs::read_dir(dir) {
+                Ok(entries) => {
+                    let mut n: Vec<String> = entries
+                        .flatten()
+                        .filter(|e| e.path().is_dir())
+                        .filter_map(|e| e.file_name().into_string().ok())
+                        .filter(|n| !n.starts_with('.'))
+                        .collect();
+                    n.sort();
+                    n
+                }
+                Err(e) => {
+                    r.error(&format!("--identities-dir {}: {e}", dir.display()));
+                    return Ok(false);
+                }
+            };
+            if names.is_empty() {
+                r.error(&format!(
+                    "--identities-dir {} holds no subdirectory; add one per business ID (1234567-1/cert.pem + key.pem)",
+                    dir.display()
+                ));
+            }
+            for name in names {
+                println!("\n{name}:");
+                if let Err(e) = name.parse::<crate::business_id::BusinessId>() {
+                    r.warn(&format!("skipped: {e}"));
+                    continue;
+                }
+                let source = crate::orgs::source_in(&dir.join(&name), pkcs12_password.as_ref());
+                check_identity(&mut r, &cfg, &source, &provider, args).await?;
+            }
+        }
+    }
+    Ok(!r.failed)
+}
+
+/// Checks one identity (and with --connect, makes a handshake and a request with it).
+async fn check_identity(
+    r: &mut Report,
+    cfg: &Config,
+    source: &IdentitySource,
+    provider: &std::sync::Arc<rustls::crypto::CryptoProvider>,
+    args: &CheckArgs,
+) -> anyhow::Result<()> {
+    let ident = match identity::load(source, provider, SystemTime::now()) {
         Ok(i) => i,
         Err(e) => {
             r.error(&format!("identity: {e}"));
-            return Ok(false);
+            return Ok(());
         }
     };
     let info = &ident.info;
@@ -132,13 +187,10 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<bool> {
     for w in &ident.warnings {
         r.warn(w);
     }
-    if let Err(e) = crate::app::read_added_headers(&cfg.add_headers) {
-        r.error(&format!("added headers: {e}"));
-    }
     if args.connect {
-        connect(&mut r, cfg, ident, provider, &args.probe_path).await?;
+        connect(r, cfg.clone(), ident, provider.clone(), &args.probe_path).await?;
     }
-    Ok(!r.failed)
+    Ok(())
 }
 
 /// A real handshake and one request, each reported.

@@ -100,6 +100,30 @@ pub struct RunArgs {
     #[arg(long, env = "VERO_PROXY_PKCS12")]
     pub pkcs12: Option<PathBuf>,
 
+    /// Many organisations: every subdirectory, named by business ID (1234567-1/), holds one
+    /// organisation's identity (cert.pem + key.pem, tls.crt + tls.key, or a *.p12 with a
+    /// `password` file). Requests choose one with the header Vero-Proxy-Organisation.
+    #[arg(long, env = "VERO_PROXY_IDENTITIES_DIR")]
+    pub identities_dir: Option<PathBuf>,
+
+    /// With --identities-dir: also one Unix socket per identity, whose requests always use that
+    /// identity (the header is ignored), e.g. unix:/run/vero-proxy/{id}.sock.
+    #[arg(long, env = "VERO_PROXY_LISTEN_PER_IDENTITY")]
+    pub listen_per_identity: Option<String>,
+
+    /// Permissions of the per-identity sockets, in octal.
+    #[arg(
+        long,
+        env = "VERO_PROXY_LISTEN_PER_IDENTITY_MODE",
+        default_value = "0660"
+    )]
+    pub listen_per_identity_mode: String,
+
+    /// Group (name or number) of the per-identity sockets, so each organisation's apps can be
+    /// given only their own socket.
+    #[arg(long, env = "VERO_PROXY_LISTEN_PER_IDENTITY_GROUP")]
+    pub listen_per_identity_group: Option<String>,
+
     /// File whose first line is the PKCS#12 password; read again at every reload.
     #[arg(long, env = "VERO_PROXY_PKCS12_PASSWORD_FILE")]
     pub pkcs12_password_file: Option<PathBuf>,
@@ -184,6 +208,11 @@ pub struct RunArgs {
         default_value_t = 50
     )]
     pub max_upstream_concurrency: usize,
+
+    /// Most requests in flight upstream for one organisation (with --identities-dir), so one busy
+    /// client company cannot starve the rest; defaults to --max-upstream-concurrency.
+    #[arg(long, env = "VERO_PROXY_MAX_UPSTREAM_CONCURRENCY_PER_ORGANISATION")]
+    pub max_upstream_concurrency_per_organisation: Option<usize>,
 
     /// Most requests waiting for a place under the concurrency cap.
     #[arg(long, env = "VERO_PROXY_UPSTREAM_QUEUE_SIZE", default_value_t = 1000)]

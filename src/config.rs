@@ -60,6 +60,38 @@ pub enum HeaderSource {
     File(PathBuf),
 }
 
+/// Where identities come from.
+#[derive(Debug, Clone)]
+pub enum IdentityConfig {
+    /// One identity (`--cert`, `--identity-dir`, `--pkcs12`).
+    One(IdentitySource),
+    /// One per subdirectory, named by business ID (`--identities-dir`).
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// `VERO_PROXY_PKCS12_PASSWORD`, for PKCS#12 files without a `password` file.
+        pkcs12_password: Option<Password>,
+    },
+}
+
+/// `--listen-per-identity`: a socket path template with `{id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerIdentityListen {
+    /// The path, `{id}` standing for the business ID.
+    pub template: String,
+    /// Socket file mode.
+    pub mode: u32,
+    /// Socket group.
+    pub gid: Option<u32>,
+}
+
+impl PerIdentityListen {
+    /// The socket path of one organisation.
+    pub fn path_for(&self, id: &crate::business_id::BusinessId) -> PathBuf {
+        PathBuf::from(self.template.replace("{id}", id.as_str()))
+    }
+}
+
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -71,8 +103,12 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Upstream target.
     pub upstream: UpstreamTarget,
-    /// Client identity source.
-    pub identity: IdentitySource,
+    /// Client identity source(s).
+    pub identity: IdentityConfig,
+    /// One Unix socket per identity: a path with `{id}`, its mode and group id.
+    pub listen_per_identity: Option<PerIdentityListen>,
+    /// Cap per organisation, when below the global cap.
+    pub max_upstream_concurrency_per_organisation: Option<usize>,
     /// Poll interval for identity changes; zero = no polling.
     pub reload_interval: Duration,
     /// Quiet time after file events before reloading.
@@ -171,7 +207,30 @@ impl Config {
                  or one of: test, production, sandbox (also VERO_PROXY_UPSTREAM)",
             )
         })?)?;
-        let identity = identity_source(args)?;
+        let identity = match &args.identities_dir {
+            Some(dir) => {
+                if args.cert.is_some() || args.identity_dir.is_some() || args.pkcs12.is_some() {
+                    return Err(bad(
+                        "--identities-dir holds every identity; leave out --cert, --identity-dir and --pkcs12",
+                    ));
+                }
+                IdentityConfig::Dir {
+                    dir: dir.clone(),
+                    pkcs12_password: args.pkcs12_password_env.clone().map(Password::Env),
+                }
+            }
+            None => IdentityConfig::One(identity_source(args)?),
+        };
+        let listen_per_identity = per_identity_listen(args)?;
+        let per_org = match args.max_upstream_concurrency_per_organisation {
+            Some(0) => {
+                return Err(bad(
+                    "--max-upstream-concurrency-per-organisation must be at least 1",
+                ))
+            }
+            Some(n) if n < args.max_upstream_concurrency => Some(n),
+            _ => None,
+        };
         let mut allowed_hosts = Vec::new();
         for h in &args.allowed_hosts {
             let h = h.trim().trim_end_matches('.').to_ascii_lowercase();
@@ -198,6 +257,8 @@ impl Config {
             admin_listen,
             upstream,
             identity,
+            listen_per_identity,
+            max_upstream_concurrency_per_organisation: per_org,
             reload_interval: parse_duration(&args.reload_interval, "--reload-interval")?,
             reload_debounce: parse_duration(&args.reload_debounce, "--reload-debounce")?,
             ca_file: args.ca_file.clone(),
@@ -285,6 +346,58 @@ fn advice(args: &RunArgs) -> Vec<String> {
         );
     }
     out
+}
+
+/// `--listen-per-identity` and its mode and group.
+fn per_identity_listen(args: &RunArgs) -> Result<Option<PerIdentityListen>, ConfigError> {
+    let Some(raw) = &args.listen_per_identity else {
+        return Ok(None);
+    };
+    if args.identities_dir.is_none() {
+        return Err(bad("--listen-per-identity goes with --identities-dir"));
+    }
+    let template = raw.strip_prefix("unix:").ok_or_else(|| {
+        bad(format!(
+            "--listen-per-identity {raw:?} must be unix:/PATH with {{id}} in it, such as unix:/run/vero-proxy/{{id}}.sock"
+        ))
+    })?;
+    if !template.contains("{id}") || !template.starts_with('/') {
+        return Err(bad(format!(
+            "--listen-per-identity {raw:?} must be an absolute path with {{id}} in it (the business ID), \
+             such as unix:/run/vero-proxy/{{id}}.sock"
+        )));
+    }
+    let mode = parse_mode(&args.listen_per_identity_mode).map_err(|_| {
+        bad(format!(
+            "--listen-per-identity-mode {:?} is not an octal file mode such as 0660",
+            args.listen_per_identity_mode
+        ))
+    })?;
+    let gid = match &args.listen_per_identity_group {
+        None => None,
+        Some(g) => Some(group_id(g)?),
+    };
+    Ok(Some(PerIdentityListen {
+        template: template.to_owned(),
+        mode,
+        gid,
+    }))
+}
+
+/// A group's id, from its number or its name (looked up through the system's group database).
+fn group_id(group: &str) -> Result<u32, ConfigError> {
+    if let Ok(n) = group.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(bad(format!(
+            "--listen-per-identity-group {group:?}: no such group; give its name or number"
+        ))),
+        Err(e) => Err(bad(format!(
+            "--listen-per-identity-group {group:?}: the group cannot be looked up ({e}); give its number"
+        ))),
+    }
 }
 
 /// Which of --cert, --identity-dir and --pkcs12 was given, with what goes with it.
@@ -678,14 +791,14 @@ mod tests {
             parse(&["--pkcs12", "p", "--pkcs12-password-file", "pw"])
                 .unwrap()
                 .identity,
-            IdentitySource::Pkcs12 {
+            IdentityConfig::One(IdentitySource::Pkcs12 {
                 password: Password::File(_),
                 ..
-            }
+            })
         ));
         assert!(matches!(
             parse(&["--identity-dir", "d"]).unwrap().identity,
-            IdentitySource::Dir { .. }
+            IdentityConfig::One(IdentitySource::Dir { .. })
         ));
     }
 }

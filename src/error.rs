@@ -59,6 +59,12 @@ pub enum ProxyError {
     /// The client identity in service has expired.
     #[error("{0}")]
     ClientCertificateExpired(String),
+    /// Several identities are loaded and the request did not say which organisation it is for.
+    #[error("{0}")]
+    OrganisationRequired(String),
+    /// The request named an organisation the proxy holds no identity for.
+    #[error("{0}")]
+    OrganisationUnknown(String),
 }
 
 impl ProxyError {
@@ -78,6 +84,8 @@ impl ProxyError {
             ProxyError::ClientCertificateExpired(_) => "client_certificate_expired",
             ProxyError::ClientBodyIncomplete(_) => "client_body_incomplete",
             ProxyError::EgressProxyRefused(_) => "egress_proxy_refused",
+            ProxyError::OrganisationRequired(_) => "organisation_required",
+            ProxyError::OrganisationUnknown(_) => "organisation_unknown",
         }
     }
 
@@ -93,7 +101,10 @@ impl ProxyError {
             | ProxyError::ShuttingDown
             | ProxyError::ClientCertificateExpired(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::ClientBodyIncomplete(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBodyIncomplete(_) | ProxyError::OrganisationRequired(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::OrganisationUnknown(_) => StatusCode::NOT_FOUND,
             ProxyError::ForeignAuthority { .. }
             | ProxyError::ForbiddenHost(_)
             | ProxyError::CrossSiteRequest(_) => StatusCode::FORBIDDEN,

@@ -33,6 +33,14 @@ pub struct ReloadResult {
     pub result: &'static str,
 }
 
+/// Label of the per-identity metrics: the organisation's business ID (empty for a single
+/// identity whose certificate names none).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OrgLabel {
+    /// Business ID.
+    pub organisation: String,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -56,12 +64,12 @@ pub struct Metrics {
     pub upstream_queue_depth: Gauge,
     /// Upstream connections open (set at scrape).
     pub upstream_connections: Gauge,
-    /// notAfter of the certificate in service, Unix seconds (set at scrape).
-    pub not_after: Gauge,
+    /// notAfter of each certificate in service, Unix seconds (set at scrape).
+    pub not_after: Family<OrgLabel, Gauge>,
     /// notBefore of the certificate in service, Unix seconds (set at scrape).
-    pub not_before: Gauge,
+    pub not_before: Family<OrgLabel, Gauge>,
     /// 0 ok, 1 renewal window open, 2 critical, 3 expired (set at scrape).
-    pub renewal_state: Gauge,
+    pub renewal_state: Family<OrgLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -85,9 +93,9 @@ impl Metrics {
             upstream_in_flight: Gauge::default(),
             upstream_queue_depth: Gauge::default(),
             upstream_connections: Gauge::default(),
-            not_after: Gauge::default(),
-            not_before: Gauge::default(),
-            renewal_state: Gauge::default(),
+            not_after: Family::default(),
+            not_before: Family::default(),
+            renewal_state: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;

@@ -19,17 +19,18 @@ use crate::error::{find_tls_error, ProxyError};
 use crate::gate::Gate;
 use crate::identity::rfc3339;
 use crate::metrics::{ByteCount, Metrics};
+use crate::orgs::{Orgs, Route, ORG_HEADER};
 use crate::upstream::conn::{Return, SendError};
-use crate::upstream::limit::Limiter;
-use crate::upstream::{tls, SharedUpstream, Upstream};
+use crate::upstream::limit::{Limiter, Places};
+use crate::upstream::{tls, Upstream};
 
 /// Headers set on every forwarded request (`--add-header`), swapped when a value file changes.
 pub type AddedHeaders = Arc<ArcSwap<Vec<(HeaderName, HeaderValue)>>>;
 
 /// The forwarding service shared by every client connection.
 pub struct Proxy {
-    /// The identity and pool in service.
-    pub upstream: SharedUpstream,
+    /// The identities in service, by organisation.
+    pub orgs: Arc<Orgs>,
     /// Concurrency cap towards the upstream.
     pub limiter: Arc<Limiter>,
     /// Which requests may pass.
@@ -111,11 +112,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Proxy {
-    /// Serves one request from an application.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Serves one request from an application, for the organisation `route` picks.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        route: Route,
+    ) -> Response<ProxyBody> {
         let id = request_id_of(&req).unwrap_or_else(|| self.ids.next());
         let mut log = Some(Exchange::new(id.clone(), &req, self.metrics.clone()));
-        let mut resp = match self.forward(req, &mut log).await {
+        let mut resp = match self.forward(req, route, &mut log).await {
             Ok(resp) => resp,
             Err(e) => {
                 if let Some(log) = log.take() {
@@ -132,6 +137,7 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
+        route: Route,
         log: &mut Option<Exchange>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if self.shutdown.is_cancelled() {
@@ -141,6 +147,10 @@ impl Proxy {
             return Err(ProxyError::ConnectNotSupported);
         }
         self.gate.check(&req, &self.target)?;
+        let org = self.orgs.select(route, req.headers().get(ORG_HEADER))?;
+        if let Some(l) = log.as_mut() {
+            l.organisation = org.organisation();
+        }
 
         let (mut head, body) = self.rewrite(req).into_parts();
         let counted = log
@@ -157,10 +167,10 @@ impl Proxy {
         };
         // Read before taking a place under the cap, so a slow client never holds one.
         let body = read_small_body(body, counted).await?;
-        let permit = self.limiter.acquire().await?;
+        let permit = Places::acquire(&self.limiter, org.limiter.as_deref()).await?;
         // The snapshot is taken once the request may go: one that waited in the queue across
         // an identity swap goes out with the new identity, not on a retired pool.
-        let upstream: Arc<Upstream> = self.upstream.load_full();
+        let upstream: Arc<Upstream> = org.upstream.load_full();
         let now = crate::identity::unix(SystemTime::now());
         if now > upstream.identity.info.not_after {
             return Err(ProxyError::ClientCertificateExpired(format!(
@@ -275,6 +285,8 @@ impl Proxy {
             });
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
+        // Meant for the proxy: which identity to use.
+        parts.headers.remove(ORG_HEADER);
         // hyper's server already answered the application's Expect: 100-continue.
         parts.headers.remove(header::EXPECT);
         if wants_trailers {

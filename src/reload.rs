@@ -8,6 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
 
+use tracing::Instrument;
+
+use crate::business_id::BusinessId;
 use crate::identity::{self, rfc3339, Identity, IdentitySource, Thresholds};
 use crate::metrics::{Metrics, ReloadResult};
 use crate::upstream::limit::Limiter;
@@ -61,6 +64,7 @@ pub struct Reloader {
     done: tokio::sync::watch::Sender<u64>,
     metrics: Arc<Metrics>,
     thresholds: Thresholds,
+    organisation: Option<BusinessId>,
 }
 
 /// Pauses between attempts at a pair that does not load (a cert written before its key).
@@ -92,6 +96,26 @@ impl Reloader {
             done: tokio::sync::watch::Sender::new(0),
             metrics,
             thresholds,
+            organisation: None,
+        }
+    }
+
+    /// The same reloader, for the identity of `organisation` (named in its log lines).
+    pub fn for_organisation(mut self, organisation: BusinessId) -> Self {
+        self.organisation = Some(organisation);
+        self
+    }
+
+    /// The organisation whose identity this reloader keeps, with `--identities-dir`.
+    pub fn organisation(&self) -> Option<BusinessId> {
+        self.organisation
+    }
+
+    /// A span naming the organisation, for every log line about its identity.
+    pub fn span(&self) -> tracing::Span {
+        match &self.organisation {
+            Some(id) => tracing::info_span!("identity", organisation = %id),
+            None => tracing::Span::none(),
         }
     }
 
@@ -115,7 +139,7 @@ impl Reloader {
     /// Reads the files again and puts a new identity in service if they hold one.
     pub async fn reload(&self, trigger: &str) -> Outcome {
         let _one_at_a_time = self.running.lock().await;
-        let outcome = self.reload_once(trigger).await;
+        let outcome = self.reload_once(trigger).instrument(self.span()).await;
         let counter = match &outcome {
             Outcome::Reloaded => &self.stats.reloaded,
             Outcome::Unchanged => &self.stats.unchanged,

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ListenAddr};
+use crate::orgs::Route;
 use crate::proxy::Proxy;
 
 /// A bound main listener.
@@ -134,6 +135,7 @@ impl ClientLimits {
 pub async fn accept_loop(
     listener: Listener,
     proxy: Arc<Proxy>,
+    route: Route,
     limits: ClientLimits,
     shutdown: CancellationToken,
 ) -> GracefulShutdown {
@@ -191,9 +193,9 @@ pub async fn accept_loop(
                         tracing::warn!(%peer, "a client spoke TLS to this port, which speaks plain HTTP: point it at http://, not https://");
                         return;
                     }
-                    serve(s, proxy, builder, watcher).await
+                    serve(s, proxy, route, builder, watcher).await
                 }
-                Accepted::Unix(s) => serve(s, proxy, builder, watcher).await,
+                Accepted::Unix(s) => serve(s, proxy, route, builder, watcher).await,
             }
         });
     }
@@ -232,6 +234,7 @@ async fn spoke_tls(s: &TcpStream, within: Duration) -> bool {
 async fn serve<S>(
     stream: S,
     proxy: Arc<Proxy>,
+    route: Route,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
@@ -239,7 +242,7 @@ async fn serve<S>(
 {
     let svc = service_fn(move |req: hyper::Request<Incoming>| {
         let proxy = proxy.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, route).await) }
     });
     let conn = builder
         .serve_connection(TokioIo::new(stream), svc)

@@ -83,6 +83,9 @@ impl Rig {
     fn serial_in_service(&self) -> String {
         self.proxy
             .proxy
+            .orgs
+            .only()
+            .unwrap()
             .upstream
             .load()
             .identity
@@ -93,7 +96,7 @@ impl Rig {
 
     /// Waits (on reload events, not the clock) until the identity in service has `serial`.
     async fn wait_for_serial(&self, serial: &str) {
-        let mut rx = self.proxy.reloader.subscribe();
+        let mut rx = self.proxy.reloader().unwrap().subscribe();
         tokio::time::timeout(Duration::from_secs(10), async {
             while self.serial_in_service() != serial {
                 rx.changed().await.unwrap();
@@ -105,9 +108,17 @@ impl Rig {
 
     /// Waits until a reload has failed `n` times in all.
     async fn wait_for_failures(&self, n: u64) {
-        let mut rx = self.proxy.reloader.subscribe();
+        let mut rx = self.proxy.reloader().unwrap().subscribe();
         tokio::time::timeout(Duration::from_secs(10), async {
-            while self.proxy.reloader.stats.failed.load(Ordering::SeqCst) < n {
+            while self
+                .proxy
+                .reloader()
+                .unwrap()
+                .stats
+                .failed
+                .load(Ordering::SeqCst)
+                < n
+            {
                 rx.changed().await.unwrap();
             }
         })
@@ -186,13 +197,21 @@ async fn a_kubernetes_secret_volume_swap_is_seen() {
 #[tokio::test]
 async fn sighup_and_post_reload_trigger_a_reload() {
     let rig = Rig::new(&[]).await;
-    let mut rx = rig.proxy.reloader.subscribe();
+    let mut rx = rig.proxy.reloader().unwrap().subscribe();
     std::process::Command::new("kill")
         .args(["-HUP", &std::process::id().to_string()])
         .status()
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), async {
-        while rig.proxy.reloader.stats.unchanged.load(Ordering::SeqCst) == 0 {
+        while rig
+            .proxy
+            .reloader()
+            .unwrap()
+            .stats
+            .unchanged
+            .load(Ordering::SeqCst)
+            == 0
+        {
             rx.changed().await.unwrap();
         }
     })
@@ -391,7 +410,15 @@ async fn swaps_never_open_more_upstream_connections_than_the_cap() {
         errors.len(),
         errors.first()
     );
-    let conns = &rig.proxy.proxy.upstream.load().connections;
+    let conns = &rig
+        .proxy
+        .proxy
+        .orgs
+        .only()
+        .unwrap()
+        .upstream
+        .load()
+        .connections;
     let handshakes = rig._up.handshakes.load(Ordering::SeqCst);
     println!("cap 8, 32 clients, 5 swaps: {ok} ok, peak {} upstream connections, {handshakes} handshakes", conns.peak());
     assert!(
@@ -439,7 +466,8 @@ async fn polling_finds_changes_that_raise_no_file_event() {
     rig.wait_for_serial(&serial_of(&next)).await;
     let last = rig
         .proxy
-        .reloader
+        .reloader()
+        .unwrap()
         .stats
         .last
         .lock()

@@ -23,20 +23,18 @@ use tokio_util::sync::CancellationToken;
 use crate::body::ProxyBody;
 use crate::identity::{rfc3339, Thresholds};
 use crate::metrics::Metrics;
-use crate::reload::Reloader;
+use crate::metrics::OrgLabel;
+use crate::orgs::Orgs;
 use crate::upstream::limit::Limiter;
-use crate::upstream::SharedUpstream;
 
 /// What the admin endpoints report on.
 pub struct AdminState {
-    /// The identity in service.
-    pub upstream: SharedUpstream,
+    /// The identities in service.
+    pub orgs: Arc<Orgs>,
     /// True while the main listener accepts.
     pub accepting: AtomicBool,
     /// True from the shutdown signal on: readiness fails at once.
     pub draining: AtomicBool,
-    /// Loads the identity again on `POST /reload`.
-    pub reloader: Arc<Reloader>,
     /// Counters and histograms.
     pub metrics: Arc<Metrics>,
     /// The concurrency cap, for in-flight and queue figures.
@@ -120,15 +118,35 @@ pub async fn answer(
 }
 
 fn readyz(state: &AdminState) -> Response<ProxyBody> {
-    let up = state.upstream.load();
-    let info = &up.identity.info;
+    let now = SystemTime::now();
     let mut reasons = Vec::new();
-    if !info.is_valid_at(SystemTime::now()) {
+    let all = state.orgs.all();
+    if all.is_empty() {
         reasons.push(format!(
-            "the client certificate is outside its validity ({} to {})",
-            rfc3339(info.not_before),
-            rfc3339(info.not_after)
+            "no identity is loaded from {}",
+            state
+                .orgs
+                .root()
+                .map(|r| r.display().to_string())
+                .unwrap_or_default()
         ));
+    } else if state.orgs.is_dir() {
+        // Several organisations: ready while any identity can serve; the others show in /status.
+        if !all
+            .iter()
+            .any(|o| o.upstream.load().identity.info.is_valid_at(now))
+        {
+            reasons.push("every loaded client certificate is outside its validity".to_string());
+        }
+    } else {
+        let info = &all[0].upstream.load().identity.info;
+        if !info.is_valid_at(now) {
+            reasons.push(format!(
+                "the client certificate is outside its validity ({} to {})",
+                rfc3339(info.not_before),
+                rfc3339(info.not_after)
+            ));
+        }
     }
     if state.draining.load(Ordering::Relaxed) {
         reasons.push("the proxy is shutting down".to_string());
@@ -148,33 +166,63 @@ fn readyz(state: &AdminState) -> Response<ProxyBody> {
 /// Sets the values that are state rather than counts, then encodes everything.
 fn metrics(state: &AdminState) -> String {
     let m = &state.metrics;
-    let up = state.upstream.load();
-    let info = &up.identity.info;
-    m.not_after.set(info.not_after);
-    m.not_before.set(info.not_before);
-    m.renewal_state.set(
-        info.renewal_state(SystemTime::now(), state.thresholds)
-            .level(),
-    );
+    let now = SystemTime::now();
+    // Cleared first: a retired organisation's series disappear.
+    m.not_after.clear();
+    m.not_before.clear();
+    m.renewal_state.clear();
+    let mut connections = 0;
+    for org in state.orgs.all() {
+        let up = org.upstream.load();
+        let info = &up.identity.info;
+        let label = OrgLabel {
+            organisation: org
+                .organisation()
+                .map(|o| o.to_string())
+                .unwrap_or_default(),
+        };
+        m.not_after.get_or_create(&label).set(info.not_after);
+        m.not_before.get_or_create(&label).set(info.not_before);
+        m.renewal_state
+            .get_or_create(&label)
+            .set(info.renewal_state(now, state.thresholds).level());
+        connections = up.connections.open() as i64;
+    }
     m.upstream_in_flight.set(state.limiter.in_flight() as i64);
     m.upstream_queue_depth.set(state.limiter.queued() as i64);
-    m.upstream_connections.set(up.connections.open() as i64);
+    m.upstream_connections.set(connections);
     m.encode()
 }
 
 async fn reload(state: &AdminState) -> Response<ProxyBody> {
-    let outcome = state.reloader.reload("POST /reload").await;
-    let info = &state.upstream.load().identity.info;
+    let report = state.orgs.reload_all("POST /reload").await;
     let mut body = serde_json::json!({
-        "result": outcome.as_str(),
-        "identity": {"subject": info.subject, "serial": info.serial, "not_after": rfc3339(info.not_after)},
+        "result": if !report.failed.is_empty() { "failed" }
+            else if report.added.is_empty() && report.reloaded.is_empty() && report.retired.is_empty() { "unchanged" }
+            else { "reloaded" },
     });
-    let code = match &outcome {
-        crate::reload::Outcome::Failed(msg) => {
-            body["error"] = serde_json::Value::String(msg.clone());
+    if let Some(org) = state.orgs.only().filter(|_| !state.orgs.is_dir()) {
+        let info = &org.upstream.load().identity.info;
+        body["identity"] = serde_json::json!({"subject": info.subject, "serial": info.serial, "not_after": rfc3339(info.not_after)});
+    } else {
+        body["added"] = serde_json::json!(report.added);
+        body["reloaded"] = serde_json::json!(report.reloaded);
+        body["retired"] = serde_json::json!(report.retired);
+        body["identities"] = serde_json::json!(state.orgs.len());
+    }
+    let code = match report.failed.as_slice() {
+        [] => StatusCode::OK,
+        failed => {
+            if state.orgs.is_dir() {
+                body["failed"] = failed
+                    .iter()
+                    .map(|(name, e)| serde_json::json!({"directory": name, "error": e}))
+                    .collect();
+            } else {
+                body["error"] = serde_json::Value::String(failed[0].1.clone());
+            }
             StatusCode::UNPROCESSABLE_ENTITY
         }
-        _ => StatusCode::OK,
     };
     json(code, body)
 }

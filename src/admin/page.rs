@@ -33,6 +33,7 @@ pub fn render(st: &Value) -> String {
     let row = |k: &str, v: String| format!("<tr><th>{k}</th><td>{v}</td></tr>\n");
     let mut rows = String::new();
     for (k, key) in [
+        ("Organisation", "organisation"),
         ("Subject", "subject"),
         ("Issuer", "issuer"),
         ("Serial", "serial"),
@@ -47,6 +48,32 @@ pub fn render(st: &Value) -> String {
         .as_array()
         .map(|w| w.iter().map(|x| format!("<li>{}</li>", text(x))).collect())
         .unwrap_or_default();
+    // With several organisations: every identity, soonest expiry first.
+    let mut all: Vec<&Value> = st["identities"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    all.sort_by_key(|i| i["days_left"].as_i64().unwrap_or(i64::MAX));
+    let table = if all.len() > 1 {
+        let body: String = all
+            .iter()
+            .map(|i| {
+                format!(
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                    text(&i["organisation"]),
+                    text(&i["days_left"]),
+                    text(&i["renewal_state"]),
+                    text(&i["not_after"])
+                )
+            })
+            .collect();
+        format!(
+            "<div class=\"card\"><h2>{} identities</h2><table id=\"identities\">\n<tr><th>Organisation</th><th>Days left</th><th>Renewal</th><th>Valid until</th></tr>\n{body}</table></div>\n",
+            all.len()
+        )
+    } else {
+        String::new()
+    };
     let last = &st["last_reload"];
     let last = if last.is_null() {
         "none since start".to_string()
@@ -67,7 +94,7 @@ pub fn render(st: &Value) -> String {
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 52rem; color: #1d2733; padding: 0 1rem; }}
-h1 {{ font-size: 1.4rem; }} th {{ text-align: left; padding: .2rem 1rem .2rem 0; color: #516070; font-weight: 500; vertical-align: top; }}
+h1 {{ font-size: 1.4rem; }} h2 {{ font-size: 1.1rem; margin: 0 0 .5rem; }} th {{ text-align: left; padding: .2rem 1rem .2rem 0; color: #516070; font-weight: 500; vertical-align: top; }}
 td {{ font-family: ui-monospace, monospace; word-break: break-all; }}
 .days {{ font-size: 2.4rem; font-weight: 700; }} .ok {{ color: #1a7f37; }} .warn {{ color: #b35900; }} .crit {{ color: #c62828; }}
 .card {{ border: 1px solid #d5dbe1; border-radius: 8px; padding: 1rem 1.25rem; margin: 1rem 0; }}
@@ -79,7 +106,7 @@ td {{ font-family: ui-monospace, monospace; word-break: break-all; }}
 <div>Renewal possible from {warn_days} days before expiry; urgent from {crit_days}.</div></div>
 <div class="card"><table>
 {rows}</table>{warn_list}</div>
-<div class="card"><table>
+{table}<div class="card"><table>
 <tr><th>Ready</th><td id="ready">{ready}</td></tr>
 <tr><th>Upstream</th><td>{upstream}</td></tr>
 <tr><th>Listening on</th><td>{listen}</td></tr>

@@ -335,6 +335,13 @@ pub fn describe(path: &Path, chain: &[CertificateDer<'_>]) -> Result<CertInfo, I
         _ => None,
     };
     let fingerprint = digest(&SHA256, leaf.as_ref());
+    // Tax Administration certificates name the organisation by its business ID in the CN.
+    let organisation = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .and_then(|cn| cn.trim().parse().ok());
     Ok(CertInfo {
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
@@ -344,6 +351,7 @@ pub fn describe(path: &Path, chain: &[CertificateDer<'_>]) -> Result<CertInfo, I
         fingerprint_sha256: hex(fingerprint.as_ref()),
         client_auth_allowed,
         chain_len: chain.len() - 1,
+        organisation,
     })
 }
 

@@ -58,6 +58,9 @@ pub struct CertInfo {
     pub client_auth_allowed: Option<bool>,
     /// Number of certificates after the leaf that are sent along.
     pub chain_len: usize,
+    /// The business ID in the subject's CN, when it holds one (as Tax Administration
+    /// certificates do).
+    pub organisation: Option<crate::business_id::BusinessId>,
 }
 
 impl CertInfo {
@@ -195,6 +198,7 @@ mod tests {
             fingerprint_sha256: String::new(),
             client_auth_allowed: None,
             chain_len: 0,
+            organisation: None,
         }
     }
 

@@ -2,6 +2,8 @@
 //! (debounced), SIGHUP, and polling as a safety net for mounts where events never arrive.
 //! `POST /reload` on the admin listener calls the reloader directly.
 
+use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,14 +12,14 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::reload::Reloader;
+use crate::orgs::Orgs;
 
 /// Starts every trigger; they stop when `stop` is cancelled. `debounce` is the quiet time after
 /// the last file event; `poll` of zero turns polling off.
-pub fn spawn(reloader: Arc<Reloader>, debounce: Duration, poll: Duration, stop: CancellationToken) {
-    match file_events(&reloader) {
+pub fn spawn(orgs: Arc<Orgs>, debounce: Duration, poll: Duration, stop: CancellationToken) {
+    match file_events(&orgs) {
         Ok((watcher, rx)) => {
-            tokio::spawn(on_events(reloader.clone(), rx, debounce, watcher, stop.clone()));
+            tokio::spawn(on_events(orgs.clone(), rx, debounce, watcher, stop.clone()));
         }
         // Out of inotify instances, or a file system without events: still serve, and say
         // what still reloads.
@@ -29,26 +31,34 @@ pub fn spawn(reloader: Arc<Reloader>, debounce: Duration, poll: Duration, stop: 
     // Registered now, not inside the task: a SIGHUP sent right after start-up must not be lost.
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(hup) => {
-            tokio::spawn(on_sighup(reloader.clone(), hup, stop.clone()));
+            tokio::spawn(on_sighup(orgs.clone(), hup, stop.clone()));
         }
         Err(e) => tracing::warn!(
             "cannot listen for SIGHUP ({e}); file events, polling and POST /reload still reload"
         ),
     }
     if !poll.is_zero() {
-        tokio::spawn(on_poll(reloader, poll, stop));
+        tokio::spawn(on_poll(orgs, poll, stop));
     }
 }
 
-type Events = (notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>);
+/// What changed: one subdirectory of `--identities-dir` (by name), or anything else (the single
+/// identity's files, the directory itself, a Kubernetes volume's `..data` swap).
+type Changed = Option<String>;
 
-fn file_events(reloader: &Reloader) -> anyhow::Result<Events> {
-    let (tx, rx) = mpsc::unbounded_channel::<()>();
+type Events = (notify::RecommendedWatcher, mpsc::UnboundedReceiver<Changed>);
+
+fn file_events(orgs: &Orgs) -> anyhow::Result<Events> {
+    let (tx, rx) = mpsc::unbounded_channel::<Changed>();
+    let root = orgs.root().map(Path::to_path_buf);
+    let classify = root.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
             // Our own reads show up as access events; only changes matter.
             Ok(ev) if matters(&ev.kind) => {
-                let _ = tx.send(());
+                for changed in which(classify.as_deref(), &ev.paths) {
+                    let _ = tx.send(changed);
+                }
             }
             Ok(_) => {}
             Err(e) => {
@@ -56,12 +66,40 @@ fn file_events(reloader: &Reloader) -> anyhow::Result<Events> {
             }
         }
     })?;
-    for dir in reloader.source().watch_dirs() {
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+    match &root {
+        Some(root) => watcher
+            .watch(root, RecursiveMode::Recursive)
+            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", root.display()))?,
+        None => {
+            for org in orgs.all() {
+                for dir in org.reloader.source().watch_dirs() {
+                    watcher
+                        .watch(&dir, RecursiveMode::NonRecursive)
+                        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+                }
+            }
+        }
     }
     Ok((watcher, rx))
+}
+
+/// The subdirectories (of `root`) an event's paths are in; `None` for a path elsewhere.
+fn which(root: Option<&Path>, paths: &[std::path::PathBuf]) -> Vec<Changed> {
+    let Some(root) = root else {
+        return vec![None];
+    };
+    let mut out: Vec<Changed> = paths
+        .iter()
+        .map(|p| {
+            let first = p.strip_prefix(root).ok()?.components().next()?;
+            let name = first.as_os_str().to_str()?;
+            (!name.starts_with('.')).then(|| name.to_owned())
+        })
+        .collect();
+    if out.is_empty() {
+        out.push(None);
+    }
+    out
 }
 
 fn matters(kind: &EventKind) -> bool {
@@ -73,8 +111,8 @@ fn matters(kind: &EventKind) -> bool {
 }
 
 async fn on_events(
-    reloader: Arc<Reloader>,
-    mut rx: mpsc::UnboundedReceiver<()>,
+    orgs: Arc<Orgs>,
+    mut rx: mpsc::UnboundedReceiver<Changed>,
     debounce: Duration,
     watcher: notify::RecommendedWatcher,
     stop: CancellationToken,
@@ -82,36 +120,43 @@ async fn on_events(
     // The watcher lives as long as this task.
     let _watcher = watcher;
     loop {
+        let mut burst: BTreeSet<Changed> = BTreeSet::new();
         tokio::select! {
-            got = rx.recv() => if got.is_none() { return },
+            got = rx.recv() => match got { Some(c) => { burst.insert(c); } None => return },
             _ = stop.cancelled() => return,
         }
         // A burst (cert and key written moments apart, a symlink swap) becomes one reload.
         loop {
             tokio::select! {
-                got = rx.recv() => if got.is_none() { return },
+                got = rx.recv() => match got { Some(c) => { burst.insert(c); } None => return },
                 _ = tokio::time::sleep(debounce) => break,
                 _ = stop.cancelled() => return,
             }
         }
-        reloader.reload("file change").await;
+        if burst.contains(&None) {
+            if orgs.is_dir() {
+                orgs.poll_as("file change").await;
+            } else {
+                orgs.reload_all("file change").await;
+            }
+        } else {
+            for name in burst.into_iter().flatten() {
+                orgs.sync_one(&name, "file change").await;
+            }
+        }
     }
 }
 
-async fn on_sighup(
-    reloader: Arc<Reloader>,
-    mut hup: tokio::signal::unix::Signal,
-    stop: CancellationToken,
-) {
+async fn on_sighup(orgs: Arc<Orgs>, mut hup: tokio::signal::unix::Signal, stop: CancellationToken) {
     loop {
         tokio::select! {
-            _ = hup.recv() => { reloader.reload("SIGHUP").await; }
+            _ = hup.recv() => { orgs.reload_all("SIGHUP").await; }
             _ = stop.cancelled() => return,
         }
     }
 }
 
-async fn on_poll(reloader: Arc<Reloader>, every: Duration, stop: CancellationToken) {
+async fn on_poll(orgs: Arc<Orgs>, every: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -120,8 +165,6 @@ async fn on_poll(reloader: Arc<Reloader>, every: Duration, stop: CancellationTok
             _ = tick.tick() => {},
             _ = stop.cancelled() => return,
         }
-        if reloader.files_changed() {
-            reloader.reload("poll").await;
-        }
+        orgs.poll_as("poll").await;
     }
 }

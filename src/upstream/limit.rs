@@ -42,13 +42,18 @@ impl Limiter {
 
     /// A place under the cap, held until the response body has ended.
     pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
+        self.acquire_as("--max-upstream-concurrency").await
+    }
+
+    /// The same, naming `cap_flag` when the wait fails.
+    async fn acquire_as(&self, cap_flag: &str) -> Result<OwnedSemaphorePermit, ProxyError> {
         if let Ok(p) = self.sem.clone().try_acquire_owned() {
             return Ok(p);
         }
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.queue_size {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(ProxyError::UpstreamBusy(format!(
-                "{} requests are already waiting for one of the {} upstream places (--upstream-queue-size); retry shortly",
+                "{} requests are already waiting for one of the {} upstream places ({cap_flag}, --upstream-queue-size); retry shortly",
                 self.queue_size, self.cap
             )));
         }
@@ -57,7 +62,7 @@ impl Limiter {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(_)) => Err(ProxyError::ShuttingDown),
             Err(_) => Err(ProxyError::UpstreamBusy(format!(
-                "all {} upstream places stayed busy for {:?} (--upstream-queue-timeout); retry shortly",
+                "all {} upstream places ({cap_flag}) stayed busy for {:?} (--upstream-queue-timeout); retry shortly",
                 self.cap, self.queue_timeout
             ))),
         }
@@ -71,6 +76,34 @@ impl Limiter {
     /// Requests waiting now.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// The places a request holds until its answer has ended: one under the global cap, and one
+/// under its organisation's cap when there is one.
+pub struct Places {
+    _global: OwnedSemaphorePermit,
+    _organisation: Option<OwnedSemaphorePermit>,
+}
+
+impl Places {
+    /// Takes a place under the organisation's cap first (so one busy organisation waits in its
+    /// own queue instead of filling the global one), then under the global cap.
+    pub async fn acquire(
+        global: &Limiter,
+        organisation: Option<&Limiter>,
+    ) -> Result<Places, ProxyError> {
+        let own = match organisation {
+            Some(l) => Some(
+                l.acquire_as("--max-upstream-concurrency-per-organisation")
+                    .await?,
+            ),
+            None => None,
+        };
+        Ok(Places {
+            _global: global.acquire().await?,
+            _organisation: own,
+        })
     }
 }
 

@@ -60,6 +60,14 @@ impl UpstreamFactory {
         }
     }
 
+    /// Fails when the egress proxy setting cannot be used (checked once, at start).
+    pub fn check(&self) -> Result<(), ProxyError> {
+        match &self.egress {
+            Ok(_) => Ok(()),
+            Err(e) => Err(ProxyError::UpstreamUnreachable(e.0.clone())),
+        }
+    }
+
     /// The connect timeout, which also bounds how long a new pool is warmed.
     pub fn connect_timeout(&self) -> std::time::Duration {
         self.cfg.connect_timeout
