@@ -33,6 +33,8 @@ pub struct Running {
     pub proxy: Arc<Proxy>,
     /// The identities in service.
     pub orgs: Arc<Orgs>,
+    /// Ticks after the per-identity sockets have been brought in step with the identities.
+    pub sockets_synced: tokio::sync::watch::Sender<u64>,
     shutdown: CancellationToken,
     /// What the admin endpoints answer from.
     pub admin_state: Arc<AdminState>,
@@ -180,9 +182,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .await
         .map_err(|e| server::bind_error(&cfg.admin_listen.to_string(), "--admin-listen", e))?;
     let admin = admin_listener.local_addr()?;
-    if let Some(per) = &cfg.listen_per_identity {
-        per_identity::check_dir(per)?;
-    }
+    let initial_sockets = match &cfg.listen_per_identity {
+        Some(per) => {
+            per_identity::check_dir(per)?;
+            per_identity::bind_initial(per, &orgs)
+        }
+        None => Default::default(),
+    };
+    let sockets_synced = tokio::sync::watch::Sender::new(0u64);
 
     let shutdown = CancellationToken::new();
     let proxy = Arc::new(Proxy {
@@ -244,6 +251,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             proxy.clone(),
             limits.clone(),
             shutdown.clone(),
+            initial_sockets,
+            sockets_synced.clone(),
         ))
     });
     let accept = tokio::spawn(server::accept_loop(
@@ -281,6 +290,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     });
     Ok(Running {
         orgs,
+        sockets_synced,
         listen,
         admin,
         proxy,

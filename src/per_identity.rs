@@ -31,52 +31,90 @@ pub fn check_dir(per: &PerIdentityListen) -> anyhow::Result<()> {
 }
 
 struct Open {
+    inode: Option<u64>,
     stop: CancellationToken,
     task: JoinHandle<GracefulShutdown>,
 }
 
-/// Keeps one socket per organisation in service until `shutdown`; then returns a future that
-/// drains every socket's connections.
+/// The sockets of the identities loaded at start, bound before the proxy says it is serving.
+pub fn bind_initial(
+    per: &PerIdentityListen,
+    orgs: &crate::orgs::Orgs,
+) -> HashMap<BusinessId, server::Listener> {
+    let mut out = HashMap::new();
+    for id in orgs.all().iter().filter_map(|o| o.id) {
+        match bind(per, &id) {
+            Ok(l) => {
+                out.insert(id, l);
+            }
+            Err(e) => {
+                tracing::error!(organisation = %id, "{e:#}; its requests can still use the main listener with the header")
+            }
+        }
+    }
+    out
+}
+
+/// Keeps one socket per organisation in service until `shutdown`, starting from `initial`;
+/// then returns a future that drains every socket's connections. `synced` ticks after every
+/// round of opening and closing sockets.
 pub async fn serve(
     per: PerIdentityListen,
     proxy: Arc<Proxy>,
     limits: ClientLimits,
     shutdown: CancellationToken,
+    initial: HashMap<BusinessId, server::Listener>,
+    synced: tokio::sync::watch::Sender<u64>,
 ) -> impl std::future::Future<Output = ()> {
     let mut changed = proxy.orgs.subscribe();
     let mut open: HashMap<BusinessId, Open> = HashMap::new();
     let mut closing: Vec<JoinHandle<GracefulShutdown>> = Vec::new();
+    let start = |listener: server::Listener, id: BusinessId| {
+        let inode = listener.inode();
+        let stop = shutdown.child_token();
+        let task = tokio::spawn(server::accept_loop(
+            listener,
+            proxy.clone(),
+            Route::Fixed(id),
+            limits.clone(),
+            stop.clone(),
+        ));
+        Open { inode, stop, task }
+    };
+    for (id, listener) in initial {
+        open.insert(id, start(listener, id));
+    }
     loop {
         let wanted: Vec<BusinessId> = proxy.orgs.all().iter().filter_map(|o| o.id).collect();
-        open.retain(|id, o| {
-            let keep = wanted.contains(id);
-            if !keep {
+        let retired: Vec<BusinessId> = open
+            .keys()
+            .filter(|id| !wanted.contains(id))
+            .copied()
+            .collect();
+        for id in retired {
+            if let Some(o) = open.remove(&id) {
                 tracing::info!(organisation = %id, "closing its socket: the identity was retired");
                 o.stop.cancel();
+                // Gone at once, so no new app connects to it; the accept loop leaves a newer
+                // socket at the same path alone.
+                server::remove_socket(&per.path_for(&id), o.inode);
+                closing.push(o.task);
             }
-            keep
-        });
+        }
         for id in wanted {
             if open.contains_key(&id) {
                 continue;
             }
             match bind(&per, &id) {
                 Ok(listener) => {
-                    let stop = shutdown.child_token();
-                    let task = tokio::spawn(server::accept_loop(
-                        listener,
-                        proxy.clone(),
-                        Route::Fixed(id),
-                        limits.clone(),
-                        stop.clone(),
-                    ));
-                    open.insert(id, Open { stop, task });
+                    open.insert(id, start(listener, id));
                 }
                 Err(e) => {
                     tracing::error!(organisation = %id, "{e:#}; its requests can still use the main listener with the header")
                 }
             }
         }
+        synced.send_modify(|n| *n += 1);
         tokio::select! {
             c = changed.changed() => if c.is_err() { break },
             _ = shutdown.cancelled() => break,

@@ -24,8 +24,8 @@ use crate::proxy::Proxy;
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),
-    /// Unix socket, with its path (removed at shutdown).
-    Unix(UnixListener, PathBuf),
+    /// Unix socket, with its path (removed at shutdown) and the inode of its file.
+    Unix(UnixListener, PathBuf, Option<u64>),
 }
 
 /// The address a listener actually got (port 0 resolved).
@@ -79,7 +79,8 @@ pub fn bind(addr: &ListenAddr, mode: u32) -> anyhow::Result<Listener> {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
                 anyhow::anyhow!("cannot set mode {mode:o} on {}: {e}", path.display())
             })?;
-            Ok(Listener::Unix(l, path.clone()))
+            let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(path)?);
+            Ok(Listener::Unix(l, path.clone(), Some(inode)))
         }
     }
 }
@@ -99,12 +100,33 @@ pub fn bind_error(addr: &str, flag: &str, e: std::io::Error) -> anyhow::Error {
     anyhow::anyhow!("cannot listen on {addr}: {e}{hint}")
 }
 
+/// Removes the socket file at `path` if it is still the one with `inode` (not one bound since).
+pub fn remove_socket(path: &std::path::Path, inode: Option<u64>) {
+    use std::os::unix::fs::MetadataExt;
+    let same = match (std::fs::symlink_metadata(path), inode) {
+        (Ok(m), Some(ino)) => m.ino() == ino,
+        (Ok(_), None) => true,
+        (Err(_), _) => false,
+    };
+    if same {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 impl Listener {
+    /// The inode of a Unix socket's file, recorded at bind.
+    pub fn inode(&self) -> Option<u64> {
+        match self {
+            Listener::Tcp(_) => None,
+            Listener::Unix(_, _, ino) => *ino,
+        }
+    }
+
     /// The address actually bound.
     pub fn bound(&self) -> std::io::Result<BoundAddr> {
         Ok(match self {
             Listener::Tcp(l) => BoundAddr::Tcp(l.local_addr()?),
-            Listener::Unix(_, p) => BoundAddr::Unix(p.clone()),
+            Listener::Unix(_, p, _) => BoundAddr::Unix(p.clone()),
         })
     }
 }
@@ -199,8 +221,8 @@ pub async fn accept_loop(
             }
         });
     }
-    if let Listener::Unix(_, path) = &listener {
-        let _ = std::fs::remove_file(path);
+    if let Listener::Unix(_, path, _) = &listener {
+        remove_socket(path, listener.inode());
     }
     graceful
 }
@@ -217,7 +239,7 @@ async fn accept(l: &Listener) -> std::io::Result<(Accepted, String)> {
             let _ = s.set_nodelay(true);
             Ok((Accepted::Tcp(s), peer.to_string()))
         }
-        Listener::Unix(l, _) => {
+        Listener::Unix(l, _, _) => {
             let (s, _) = l.accept().await?;
             Ok((Accepted::Unix(s), "unix".into()))
         }
