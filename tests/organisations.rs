@@ -567,3 +567,51 @@ async fn status_and_metrics_name_every_organisation() {
     let page = String::from_utf8(send(admin, get("/")).await.body.to_vec()).unwrap();
     assert!(page.contains("2 identities") && page.contains(A) && page.contains(B));
 }
+
+#[tokio::test]
+async fn check_reports_every_identity_in_the_directory() {
+    let pki = Pki::new();
+    let root = pki.path("identities");
+    write_identity(&root, A, &pki.ca.client(A, "Hyvä Oy").unwrap());
+    let now = OffsetDateTime::now_utc();
+    let expired = pki
+        .ca
+        .client_valid(
+            B,
+            "Vanha Oy",
+            now - time::Duration::days(800),
+            now - time::Duration::days(1),
+            rcgen::KeyPair::generate().unwrap(),
+        )
+        .unwrap();
+    write_identity(&root, B, &expired);
+    let run = |dir: &Path| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vero-proxy"));
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("VERO_PROXY_") {
+                cmd.env_remove(name);
+            }
+        }
+        let out = cmd
+            .args(["check", "--upstream", "test", "--identities-dir"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!text.contains("panicked"), "{text}");
+        (out.status.success(), text)
+    };
+    let (ok, out) = run(&root);
+    assert!(!ok, "an expired identity must fail the check:\n{out}");
+    assert!(
+        out.contains(&format!("{A}:")) && out.contains(&format!("{B}:")),
+        "{out}"
+    );
+    assert!(out.contains("expired"), "{out}");
+    std::fs::remove_dir_all(root.join(B)).unwrap();
+    let (ok, out) = run(&root);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&root.join("missing"));
+    assert!(!ok && out.contains("missing"), "{out}");
+}

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Many organisations: N identities (default 1,000, RSA-2048 like the Tax Administration's) in one
+# --identities-dir. Measures the time to load them at start-up, resident memory with all loaded
+# and ACTIVE (default 50) in use under load, and the requests lost (of any organisation) while
+# one organisation's identity is replaced under that load. Loopback only, bounded in time.
+#
+#   bench/identities.sh          # needs nginx, wrk, openssl (installed with apt-get if missing)
+#
+# Layout: vero-proxy pinned to CPU 0; nginx (the mTLS upstream, ssl_verify_client on) and wrk on
+# CPU 1. Targets (issue 9): load under 2 s, RSS under 64 MiB, no request lost in the swap.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${IDENTITIES:-1000}
+active=${ACTIVE:-50}
+secs=${SECS:-10}
+conns=${CONNS:-64}
+
+for tool in nginx wrk openssl; do
+  if ! command -v "$tool" >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk openssl >/dev/null
+    break
+  fi
+done
+cargo build --release --quiet
+bin=$PWD/target/release/vero-proxy
+
+work=$(mktemp -d)
+chmod 755 "$work"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+cd "$work"
+
+# Business IDs with valid check digits: seven digits, weights 7 9 10 5 8 4 2, modulo 11.
+ids() {
+  python3 - "$1" <<'PY'
+import sys
+want, n, out = int(sys.argv[1]), 2000000, []
+while len(out) < want:
+    d = str(n); r = sum(int(c) * w for c, w in zip(d, [7, 9, 10, 5, 8, 4, 2])) % 11
+    if r != 1:
+        out.append(f"{d}-{0 if r == 0 else 11 - r}")
+    n += 1
+print("\n".join(out))
+PY
+}
+
+echo "making a test CA and $n RSA-2048 client identities..." >&2
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 \
+  -subj "/CN=bench CA" -addext basicConstraints=critical,CA:TRUE 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\n' > server.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext -out server.pem 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+ids "$n" > ids.txt
+mkdir identities
+make_identity() { # id dir
+  mkdir -p "$2"
+  openssl req -newkey rsa:2048 -nodes -keyout "$2/key.pem" -out "$2/req.csr" -subj "/CN=$1/O=Bench Oy/C=FI" 2>/dev/null
+  openssl x509 -req -in "$2/req.csr" -CA ca.pem -CAkey ca.key -set_serial "0x$(openssl rand -hex 8)" -days 2 \
+    -extfile client.ext -out "$2/cert.pem" 2>/dev/null
+  rm "$2/req.csr"; chmod 600 "$2/key.pem"
+}
+export -f make_identity
+xargs -P "$(nproc)" -I{} bash -c 'make_identity {} identities/{}' < ids.txt
+
+head -c 2048 /dev/zero | tr '\0' 'x' > body.json
+port=$((20000 + RANDOM % 20000))
+cat > nginx.conf <<NGINX
+daemon off; master_process off; worker_processes 1; error_log $work/error.log; pid $work/nginx.pid;
+events { worker_connections 4096; }
+http {
+  log_format who '\$ssl_client_serial';
+  access_log $work/access.log who;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/t1; proxy_temp_path $work/t2; fastcgi_temp_path $work/t3; uwsgi_temp_path $work/t4; scgi_temp_path $work/t5;
+  server {
+    listen 127.0.0.1:$port ssl;
+    ssl_certificate $work/server.pem; ssl_certificate_key $work/server.key;
+    ssl_client_certificate $work/ca.pem; ssl_verify_client on; ssl_verify_depth 2;
+    location / { default_type application/json; root $work; try_files /body.json =404; }
+  }
+}
+NGINX
+taskset -c 1 nginx -p "$work" -c "$work/nginx.conf" & pids+=($!)
+
+listen=127.0.0.1:$((port + 1))
+admin=127.0.0.1:$((port + 2))
+started=$(date +%s%N)
+VERO_PROXY_LOG=info taskset -c 0 "$bin" --listen "$listen" --admin-listen "$admin" \
+  --upstream "https://localhost:$port" --identities-dir identities --ca-file ca.pem \
+  --max-upstream-concurrency $((conns * 2)) --upstream-protocol http1 2> proxy.log & proxy=$!
+pids+=($proxy)
+first=$(head -1 ids.txt)
+for _ in $(seq 500); do
+  curl -fs -H "Vero-Proxy-Organisation: $first" "http://$listen/x" -o /dev/null && break
+  sleep 0.01
+done
+served_ms=$((($(date +%s%N) - started) / 1000000))
+load_ms=$(grep -o 'ms=[0-9]*' proxy.log | head -1 | cut -d= -f2)
+loaded=$(grep -o 'loaded=[0-9]*' proxy.log | head -1 | cut -d= -f2)
+rss_idle=$(awk '/VmRSS/ {print $2}' "/proc/$proxy/status")
+
+# wrk spreads its requests over the first $active organisations by header.
+head -"$active" ids.txt > active.txt
+{
+  echo 'local ids = {'
+  sed 's/.*/"&",/' active.txt
+  echo '}'
+  cat <<'LUA'
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", "/x", { ["Vero-Proxy-Organisation"] = ids[(i % #ids) + 1], ["Host"] = "localhost" })
+end
+LUA
+} > spread.lua
+run_wrk() { taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency -s spread.lua "http://$listen/"; }
+rate() { awk '/Requests\/sec/ {print $2}' "$1"; }
+bad() { awk '/Non-2xx/ {n+=$5} /Socket errors/ {gsub(/,/,""); n+=$4+$6+$8+$10} END {print n+0}' "$1"; }
+
+run_wrk > steady.txt
+rss_active=$(awk '/VmRSS/ {print $2}' "/proc/$proxy/status")
+
+# Replace one active organisation's identity halfway through a second run.
+swapped=$(sed -n 2p active.txt)
+make_identity "$swapped" next
+old_serial=$(openssl x509 -in "identities/$swapped/cert.pem" -noout -serial | cut -d= -f2)
+new_serial=$(openssl x509 -in next/cert.pem -noout -serial | cut -d= -f2)
+: > access.log
+run_wrk > swapping.txt &
+wrk_pid=$!
+sleep $((secs / 2))
+mv next/key.pem "identities/$swapped/key.pem.new"; mv next/cert.pem "identities/$swapped/cert.pem.new"
+mv "identities/$swapped/key.pem.new" "identities/$swapped/key.pem"
+mv "identities/$swapped/cert.pem.new" "identities/$swapped/cert.pem"
+wait "$wrk_pid"
+hwm=$(awk '/VmHWM/ {print $2}' "/proc/$proxy/status")
+certs_seen=$(sort -u access.log | wc -l)
+new_seen=$(grep -ci "$new_serial" access.log || true)
+
+echo
+echo "| figure | value | target |"
+echo "|---|---|---|"
+echo "| identities loaded at start-up | $loaded of $n in ${load_ms} ms | under 2,000 ms |"
+echo "| process start to first served request | ${served_ms} ms | |"
+echo "| RSS with $n loaded, idle | $((rss_idle / 1024)) MiB | |"
+echo "| RSS with $n loaded, $active in use ($conns connections) | $((rss_active / 1024)) MiB | under 64 MiB |"
+echo "| peak RSS (VmHWM) over the whole run | $((hwm / 1024)) MiB | under 64 MiB |"
+echo "| requests/s over $active organisations | $(rate steady.txt) | |"
+echo "| failed requests while $swapped's identity was replaced | $(bad swapping.txt) of $(awk '/requests in/ {print $1}' swapping.txt) | 0 |"
+echo "| requests with $swapped's new certificate after the swap | $new_seen | more than 0 |"
+echo
+echo "client certificates seen upstream during the swap run: $certs_seen; old serial $old_serial, new $new_serial"
+echo "$(nproc) CPUs, $(uname -m), vero-proxy on CPU 0, nginx and wrk on CPU 1, HTTP/1.1 upstream, 2 KiB answers"
