@@ -20,6 +20,7 @@ use crate::per_identity;
 use crate::proxy::{AddedHeaders, Proxy};
 use crate::reload::{log_identity, Reloader};
 use crate::server::{self, BoundAddr, ClientLimits};
+use crate::staged::StagingParts;
 use crate::upstream::limit::Limiter;
 use crate::upstream::{tls, UpstreamFactory};
 
@@ -133,6 +134,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.upstream_queue_size,
         cfg.upstream_queue_timeout,
     ));
+    let added: AddedHeaders =
+        Arc::new(ArcSwap::from_pointee(read_added_headers(&cfg.add_headers)?));
+    let background = CancellationToken::new();
+    let staging = StagingParts {
+        cfg: cfg.staging.clone(),
+        added: added.clone(),
+        target: cfg.upstream.clone(),
+        connect_timeout: cfg.connect_timeout,
+        stop: background.clone(),
+    };
     let parts = OrgParts {
         factory,
         provider,
@@ -142,6 +153,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         per_org_cap: cfg.max_upstream_concurrency_per_organisation,
         queue: (cfg.upstream_queue_size, cfg.upstream_queue_timeout),
         pkcs12_password_env: None,
+        staging,
     };
     let orgs = Arc::new(match &cfg.identity {
         IdentityConfig::One(source) => {
@@ -173,9 +185,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             orgs
         }
     });
-    let added: AddedHeaders =
-        Arc::new(ArcSwap::from_pointee(read_added_headers(&cfg.add_headers)?));
-
     let listener = server::bind(&cfg.listen, cfg.listen_mode)?;
     let listen = listener.bound()?;
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
@@ -217,7 +226,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         ),
         listen: listen.to_string(),
     });
-    let background = CancellationToken::new();
     identity::watch::spawn(
         orgs.clone(),
         cfg.reload_debounce,

@@ -188,7 +188,14 @@ async fn check_identity(
         r.warn(w);
     }
     if args.connect {
-        connect(r, cfg.clone(), ident, provider.clone(), &args.probe_path).await?;
+        connect(
+            r,
+            cfg.clone(),
+            ident,
+            provider.clone(),
+            &args.run.probe_path,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -44,13 +44,10 @@ pub enum Command {
 /// Flags of `vero-proxy check`.
 #[derive(Debug, Clone, Args)]
 pub struct CheckArgs {
-    /// Also make a real TLS handshake and one request to the upstream.
+    /// Also make a real TLS handshake and one request (GET --probe-path, with the configured
+    /// added headers) to the upstream.
     #[arg(long)]
     pub connect: bool,
-
-    /// Path of the request --connect sends (with the configured added headers).
-    #[arg(long, default_value = "/")]
-    pub probe_path: String,
 
     /// The settings to check: the same flags as `run`.
     #[command(flatten)]
@@ -170,6 +167,79 @@ pub struct RunArgs {
     /// Days before expiry from which the daily log line is an error.
     #[arg(long, env = "VERO_PROXY_RENEWAL_CRITICAL_DAYS", default_value_t = 14)]
     pub renewal_critical_days: u32,
+
+    /// The next identity, staged: a directory with cert.pem + key.pem (or tls.crt + tls.key),
+    /// such as `cert renew --out` writes. Watched like the current one and put into service by
+    /// the running proxy once it is safe (see --probe-path, --activation-delay). With
+    /// --identities-dir, each organisation's next identity is its `next/` subdirectory.
+    #[arg(long, env = "VERO_PROXY_NEXT_IDENTITY_DIR")]
+    pub next_identity_dir: Option<PathBuf>,
+
+    /// The next identity's certificate (PEM), instead of --next-identity-dir.
+    #[arg(long, env = "VERO_PROXY_NEXT_CERT")]
+    pub next_cert: Option<PathBuf>,
+
+    /// The next identity's key (PEM), with --next-cert.
+    #[arg(long, env = "VERO_PROXY_NEXT_KEY")]
+    pub next_key: Option<PathBuf>,
+
+    /// The next identity as PKCS#12, its password from --next-pkcs12-password-file.
+    #[arg(long, env = "VERO_PROXY_NEXT_PKCS12")]
+    pub next_pkcs12: Option<PathBuf>,
+
+    /// File whose first line is the next PKCS#12's password.
+    #[arg(long, env = "VERO_PROXY_NEXT_PKCS12_PASSWORD_FILE")]
+    pub next_pkcs12_password_file: Option<PathBuf>,
+
+    /// Path a staged identity is tried on (GET, with the added headers): a completed handshake
+    /// and a status other than 401/403 mean Vero API accepts it, and it goes into service.
+    #[arg(long, env = "VERO_PROXY_PROBE_PATH", default_value = "/")]
+    pub probe_path: String,
+
+    /// A staged identity goes into service at the latest this long after its notBefore (Vero
+    /// API fetches renewed production certificates once a day).
+    #[arg(long, env = "VERO_PROXY_ACTIVATION_DELAY", default_value = "24h")]
+    pub activation_delay: String,
+
+    /// ... and in any case this long before the current certificate expires.
+    #[arg(long, env = "VERO_PROXY_ACTIVATION_MARGIN", default_value = "7d")]
+    pub activation_margin: String,
+
+    /// How often a staged identity is probed while it waits.
+    #[arg(
+        long,
+        env = "VERO_PROXY_ACTIVATION_CHECK_INTERVAL",
+        default_value = "15m"
+    )]
+    pub activation_check_interval: String,
+
+    /// Renew the certificate automatically through the Tax Administration's certificate service
+    /// when the renewal window opens, into the next identity's directory (which must be
+    /// writable), from where it is activated as above.
+    #[arg(long, env = "VERO_PROXY_AUTO_RENEW", value_parser = clap::builder::BoolishValueParser::new())]
+    pub auto_renew: bool,
+
+    /// With --auto-renew: days before expiry to renew (the service accepts 60 at most).
+    #[arg(long, env = "VERO_PROXY_RENEW_DAYS_BEFORE", default_value_t = 50)]
+    pub renew_days_before: u32,
+
+    /// With --auto-renew: the certificate service's environment (test or production); by
+    /// default the one --upstream points at.
+    #[arg(long, env = "VERO_PROXY_RENEW_ENVIRONMENT")]
+    pub renew_environment: Option<crate::vero_ca::Environment>,
+
+    /// With --auto-renew: the certificate service's URL, instead of the environment's.
+    #[arg(long, env = "VERO_PROXY_RENEW_SERVICE_URL")]
+    pub renew_service_url: Option<String>,
+
+    /// With --auto-renew: extra trust anchors (PEM) for the certificate service's server.
+    #[arg(long, env = "VERO_PROXY_RENEW_SERVICE_CA_FILE")]
+    pub renew_service_ca_file: Option<PathBuf>,
+
+    /// With --auto-renew: trust anchors (PEM) for the service's response signatures instead of
+    /// the embedded Tax Administration chains (for tests against a stand-in only).
+    #[arg(long, env = "VERO_PROXY_RENEW_SERVICE_SIGNER_CA")]
+    pub renew_service_signer_ca: Option<PathBuf>,
 
     /// Tunnel upstream connections through this HTTP proxy with CONNECT (http://HOST:PORT);
     /// else HTTPS_PROXY / NO_PROXY when set.

@@ -92,6 +92,38 @@ impl PerIdentityListen {
     }
 }
 
+/// Staged activation of a next identity, and automatic renewal into it.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    /// The single identity's next identity (with --identities-dir: each organisation's `next/`).
+    pub next: Option<IdentitySource>,
+    /// Probe request path.
+    pub probe_path: String,
+    /// Latest activation, after the next certificate's notBefore.
+    pub activation_delay: Duration,
+    /// Latest activation, before the current certificate's notAfter.
+    pub activation_margin: Duration,
+    /// Probe interval while waiting.
+    pub check_interval: Duration,
+    /// Automatic renewal, when on.
+    pub auto_renew: Option<AutoRenew>,
+}
+
+/// `--auto-renew` and its service settings.
+#[derive(Debug, Clone)]
+pub struct AutoRenew {
+    /// Renew this many days before notAfter.
+    pub days_before: u32,
+    /// The certificate service's environment.
+    pub environment: crate::vero_ca::Environment,
+    /// Its URL, when not the environment's.
+    pub service_url: Option<String>,
+    /// Extra trust anchors for its server certificate.
+    pub service_ca_file: Option<PathBuf>,
+    /// Replacement trust anchors for its response signatures (tests).
+    pub service_signer_ca: Option<PathBuf>,
+}
+
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -105,6 +137,8 @@ pub struct Config {
     pub upstream: UpstreamTarget,
     /// Client identity source(s).
     pub identity: IdentityConfig,
+    /// Staged next identities and automatic renewal.
+    pub staging: Staging,
     /// One Unix socket per identity: a path with `{id}`, its mode and group id.
     pub listen_per_identity: Option<PerIdentityListen>,
     /// Cap per organisation, when below the global cap.
@@ -222,6 +256,7 @@ impl Config {
             None => IdentityConfig::One(identity_source(args)?),
         };
         let listen_per_identity = per_identity_listen(args)?;
+        let staging = staging(args, &upstream)?;
         let per_org = match args.max_upstream_concurrency_per_organisation {
             Some(0) => {
                 return Err(bad(
@@ -257,6 +292,7 @@ impl Config {
             admin_listen,
             upstream,
             identity,
+            staging,
             listen_per_identity,
             max_upstream_concurrency_per_organisation: per_org,
             reload_interval: parse_duration(&args.reload_interval, "--reload-interval")?,
@@ -346,6 +382,108 @@ fn advice(args: &RunArgs) -> Vec<String> {
         );
     }
     out
+}
+
+/// The staged-activation and auto-renewal flags.
+fn staging(args: &RunArgs, upstream: &UpstreamTarget) -> Result<Staging, ConfigError> {
+    let given = [
+        args.next_identity_dir.is_some(),
+        args.next_cert.is_some(),
+        args.next_pkcs12.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return Err(bad(
+            "give only one of --next-identity-dir, --next-cert and --next-pkcs12",
+        ));
+    }
+    if args.next_key.is_some() && args.next_cert.is_none() {
+        return Err(bad("--next-key goes with --next-cert"));
+    }
+    if args.identities_dir.is_some() && given.iter().any(|g| *g) {
+        return Err(bad(
+            "with --identities-dir each organisation's next identity is its next/ subdirectory; \
+             leave out --next-identity-dir, --next-cert and --next-pkcs12",
+        ));
+    }
+    let next = if let Some(dir) = &args.next_identity_dir {
+        Some(IdentitySource::Dir {
+            dir: dir.clone(),
+            key_password: None,
+        })
+    } else if let Some(cert) = &args.next_cert {
+        Some(IdentitySource::Pem {
+            cert: cert.clone(),
+            key: args.next_key.clone(),
+            key_password: None,
+        })
+    } else if let Some(path) = &args.next_pkcs12 {
+        let file = args.next_pkcs12_password_file.clone().ok_or_else(|| {
+            bad("--next-pkcs12 needs --next-pkcs12-password-file (never a password on the command line)")
+        })?;
+        Some(IdentitySource::Pkcs12 {
+            path: path.clone(),
+            password: Password::File(file),
+        })
+    } else {
+        None
+    };
+    if !args.probe_path.starts_with('/') {
+        return Err(bad(format!(
+            "--probe-path {:?} must start with /",
+            args.probe_path
+        )));
+    }
+    let auto_renew = if args.auto_renew {
+        if args.identities_dir.is_none() && args.next_identity_dir.is_none() {
+            return Err(bad(
+                "--auto-renew writes the renewed identity into --next-identity-dir DIR (a writable \
+                 directory, such as StateDirectory= under systemd); give one",
+            ));
+        }
+        if args.renew_days_before == 0 || args.renew_days_before > 60 {
+            return Err(bad(format!(
+                "--renew-days-before {} must be 1 to 60: the certificate service accepts renewals \
+                 from 60 days before expiry",
+                args.renew_days_before
+            )));
+        }
+        let environment = match args.renew_environment {
+            Some(e) => e,
+            None => match upstream.host.as_str() {
+                "api.vero.fi" => crate::vero_ca::Environment::Production,
+                "apitest.vero.fi" | "api-sandbox.vero.fi" => crate::vero_ca::Environment::Test,
+                other => {
+                    return Err(bad(format!(
+                        "--auto-renew cannot tell the certificate service's environment from --upstream \
+                         {other}; give --renew-environment test or production"
+                    )))
+                }
+            },
+        };
+        Some(AutoRenew {
+            days_before: args.renew_days_before,
+            environment,
+            service_url: args.renew_service_url.clone(),
+            service_ca_file: args.renew_service_ca_file.clone(),
+            service_signer_ca: args.renew_service_signer_ca.clone(),
+        })
+    } else {
+        None
+    };
+    Ok(Staging {
+        next,
+        probe_path: args.probe_path.clone(),
+        activation_delay: parse_duration(&args.activation_delay, "--activation-delay")?,
+        activation_margin: parse_duration(&args.activation_margin, "--activation-margin")?,
+        check_interval: nonzero(
+            parse_duration(
+                &args.activation_check_interval,
+                "--activation-check-interval",
+            )?,
+            "--activation-check-interval",
+        )?,
+        auto_renew,
+    })
 }
 
 /// `--listen-per-identity` and its mode and group.

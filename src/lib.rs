@@ -24,5 +24,6 @@ pub mod per_identity;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod staged;
 pub mod upstream;
 pub mod vero_ca;

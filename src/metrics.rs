@@ -70,6 +70,10 @@ pub struct Metrics {
     pub not_before: Family<OrgLabel, Gauge>,
     /// 0 ok, 1 renewal window open, 2 critical, 3 expired (set at scrape).
     pub renewal_state: Family<OrgLabel, Gauge>,
+    /// Staged next identity: 0 none, 1 waiting, 2 active, 3 rejected (set at scrape).
+    pub next_identity_state: Family<OrgLabel, Gauge>,
+    /// Automatic renewals, by result.
+    pub renewals: Family<ReloadResult, Counter>,
 }
 
 impl Default for Metrics {
@@ -96,6 +100,8 @@ impl Metrics {
             not_after: Family::default(),
             not_before: Family::default(),
             renewal_state: Family::default(),
+            next_identity_state: Family::default(),
+            renewals: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -163,6 +169,16 @@ impl Metrics {
             "vero_proxy_identity_renewal_state",
             "0 ok, 1 renewal window open, 2 critical (few days left), 3 expired",
             m.renewal_state.clone(),
+        );
+        r.register(
+            "vero_proxy_next_identity_state",
+            "Staged next identity: 0 none, 1 waiting, 2 active, 3 rejected",
+            m.next_identity_state.clone(),
+        );
+        r.register(
+            "vero_proxy_renewals",
+            "Automatic certificate renewals through the certificate service, by result",
+            m.renewals.clone(),
         );
         Metrics { registry, ..m }
     }

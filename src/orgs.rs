@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 use rustls::crypto::CryptoProvider;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::business_id::BusinessId;
@@ -26,6 +27,7 @@ use crate::error::ProxyError;
 use crate::identity::{self, Identity, IdentitySource, Password, Thresholds};
 use crate::metrics::Metrics;
 use crate::reload::{log_identity, Outcome, Reloader};
+use crate::staged::{Staged, StagingParts};
 use crate::upstream::limit::Limiter;
 use crate::upstream::{SharedUpstream, UpstreamFactory};
 
@@ -42,6 +44,16 @@ pub struct Org {
     pub reloader: Arc<Reloader>,
     /// Its own cap (`--max-upstream-concurrency-per-organisation`), under the global one.
     pub limiter: Option<Arc<Limiter>>,
+    /// Its next identity, staged for activation (and auto-renewal).
+    pub staged: Option<Arc<Staged>>,
+    /// Stops its background tasks when it is retired.
+    stop: CancellationToken,
+}
+
+impl Drop for Org {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Org {
@@ -80,6 +92,8 @@ pub struct OrgParts {
     pub queue: (usize, Duration),
     /// `VERO_PROXY_PKCS12_PASSWORD`, for PKCS#12 files without a password file beside them.
     pub pkcs12_password_env: Option<Password>,
+    /// Staged activation settings.
+    pub staging: StagingParts,
 }
 
 enum Kind {
@@ -122,7 +136,8 @@ impl Orgs {
         source: IdentitySource,
         parts: OrgParts,
     ) -> anyhow::Result<Self> {
-        let org = build_org(&parts, None, ident, source)?;
+        let next = parts.staging.cfg.next.clone();
+        let org = build_org(&parts, None, ident, source, next)?;
         Ok(Orgs {
             kind: Kind::Single(Arc::new(org)),
             parts,
@@ -270,6 +285,9 @@ impl Orgs {
         match &self.kind {
             Kind::Single(org) => {
                 let mut report = SyncReport::default();
+                if let Some(st) = &org.staged {
+                    st.poke();
+                }
                 match org.reloader.reload(trigger).await {
                     Outcome::Failed(e) => report.failed.push((org.reloader.source().describe(), e)),
                     Outcome::Reloaded => report.reloaded.extend(org.organisation()),
@@ -368,8 +386,13 @@ impl Orgs {
                 Ok(id) => id,
                 Err(_) => continue,
             };
+            let next = IdentitySource::Dir {
+                dir: root.join(&name).join("next"),
+                key_password: None,
+            };
             match result.and_then(|ident| {
-                build_org(&self.parts, Some(id), ident, source).map_err(|e| e.to_string())
+                build_org(&self.parts, Some(id), ident, source, Some(next))
+                    .map_err(|e| e.to_string())
             }) {
                 Ok(org) => {
                     let span = tracing::info_span!("identity", organisation = %id);
@@ -427,6 +450,9 @@ impl Orgs {
                 report.retired.push(id);
             }
             (Some(org), true) => {
+                if let Some(st) = &org.staged {
+                    st.poke();
+                }
                 if !force && !org.reloader.files_changed() {
                     return;
                 }
@@ -595,6 +621,7 @@ fn build_org(
     id: Option<BusinessId>,
     ident: Identity,
     source: IdentitySource,
+    next: Option<IdentitySource>,
 ) -> anyhow::Result<Org> {
     let upstream: SharedUpstream =
         Arc::new(ArcSwap::from_pointee(parts.factory.build(Arc::new(ident))?));
@@ -613,10 +640,25 @@ fn build_org(
     if let Some(id) = id {
         reloader = reloader.for_organisation(id);
     }
+    let reloader = Arc::new(reloader);
+    let stop = parts.staging.stop.child_token();
+    let staged = next.map(|next| {
+        Staged::spawn(
+            next,
+            id,
+            upstream.clone(),
+            reloader.clone(),
+            parts.factory.clone(),
+            parts.staging.clone(),
+            stop.clone(),
+        )
+    });
     Ok(Org {
         id,
         upstream,
-        reloader: Arc::new(reloader),
+        reloader,
         limiter,
+        staged,
+        stop,
     })
 }

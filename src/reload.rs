@@ -65,6 +65,9 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     thresholds: Thresholds,
     organisation: Option<BusinessId>,
+    /// A staged identity put into service: it is used instead of the files while it expires
+    /// later than they do (until the files are promoted to it, or renewed again).
+    preferred: arc_swap::ArcSwapOption<Identity>,
 }
 
 /// Pauses between attempts at a pair that does not load (a cert written before its key).
@@ -97,6 +100,7 @@ impl Reloader {
             metrics,
             thresholds,
             organisation: None,
+            preferred: Default::default(),
         }
     }
 
@@ -159,6 +163,14 @@ impl Reloader {
         outcome
     }
 
+    /// Puts a staged identity into service with the same swap as a reload, and keeps it there
+    /// while it expires later than the identity in the files.
+    pub async fn activate(&self, next: Arc<Identity>, why: &str) -> Outcome {
+        self.preferred.store(Some(next));
+        self.reload(&format!("next identity activated: {why}"))
+            .await
+    }
+
     /// Replaces the pool with a fresh one for the same identity (so DNS is looked up again and
     /// no connection lives forever), under the same lock as reloads so neither undoes the other.
     pub async fn refresh_pool(&self) {
@@ -195,12 +207,16 @@ impl Reloader {
                 }
             }
         };
+        let ident = match self.preferred.load_full() {
+            Some(p) if p.info.not_after > ident.info.not_after => p,
+            _ => Arc::new(ident),
+        };
         let current = self.shared.load_full();
         if ident.content_hash == current.identity.content_hash {
             tracing::debug!(%trigger, "identity files unchanged");
             return Outcome::Unchanged;
         }
-        let next = match self.factory.build(Arc::new(ident)) {
+        let next = match self.factory.build(ident) {
             Ok(n) => n,
             Err(e) => return Outcome::Failed(e.to_string()),
         };

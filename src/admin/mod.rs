@@ -171,6 +171,7 @@ fn metrics(state: &AdminState) -> String {
     m.not_after.clear();
     m.not_before.clear();
     m.renewal_state.clear();
+    m.next_identity_state.clear();
     let mut connections = 0;
     for org in state.orgs.all() {
         let up = org.upstream.load();
@@ -186,6 +187,11 @@ fn metrics(state: &AdminState) -> String {
         m.renewal_state
             .get_or_create(&label)
             .set(info.renewal_state(now, state.thresholds).level());
+        if let Some(st) = &org.staged {
+            m.next_identity_state
+                .get_or_create(&label)
+                .set(st.state().phase.level());
+        }
         connections = up.connections.open() as i64;
     }
     m.upstream_in_flight.set(state.limiter.in_flight() as i64);

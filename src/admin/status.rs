@@ -42,6 +42,7 @@ fn identity_of(org: &Org, now: SystemTime, t: Thresholds) -> serde_json::Value {
             "failed": stats.failed.load(Ordering::Relaxed),
         },
         "upstream_in_flight": org.limiter.as_ref().map(|l| l.in_flight()),
+        "next": org.staged.as_ref().map(|s| s.state()),
     })
 }
 

@@ -72,7 +72,20 @@ fn file_events(orgs: &Orgs) -> anyhow::Result<Events> {
             .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", root.display()))?,
         None => {
             for org in orgs.all() {
-                for dir in org.reloader.source().watch_dirs() {
+                let staged = org.staged.as_ref().map(|s| s.source.watch_dirs());
+                let mut dirs = org.reloader.source().watch_dirs();
+                for d in staged.into_iter().flatten() {
+                    // A next identity's directory may not exist yet; its parent then.
+                    let d = if d.is_dir() {
+                        d
+                    } else {
+                        d.parent().map(Path::to_path_buf).unwrap_or(d)
+                    };
+                    if !dirs.contains(&d) {
+                        dirs.push(d);
+                    }
+                }
+                for dir in dirs {
                     watcher
                         .watch(&dir, RecursiveMode::NonRecursive)
                         .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;

@@ -1,0 +1,360 @@
+//! Staged activation: a next identity (a renewed certificate) waits beside the current one and
+//! the running proxy puts it into service, with the same zero-loss swap as a reload, once it is
+//! safe: when a probe made with it is accepted (a completed handshake and a status other than
+//! 401/403 on `--probe-path`), or `--activation-delay` after its notBefore (Vero API fetches
+//! renewed production certificates once a day), and in any case `--activation-margin` before the
+//! current certificate expires. Until then the current certificate keeps serving.
+//!
+//! With `--auto-renew`, the same task renews the certificate through the Tax Administration's
+//! certificate service when the renewal window opens, writing the new pair where the next
+//! identity is read from; activation then takes over.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::Request;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::body::RequestBody;
+use crate::business_id::BusinessId;
+use crate::config::{Staging, UpstreamTarget};
+use crate::identity::{self, rfc3339, unix, Identity, IdentitySource};
+use crate::proxy::AddedHeaders;
+use crate::reload::Reloader;
+use crate::upstream::{tls, SharedUpstream, UpstreamFactory};
+
+/// Where a staged identity stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// No next identity is staged.
+    None,
+    /// Staged, not in service yet.
+    Waiting,
+    /// In service.
+    Active,
+    /// Its files do not load, or it is older than the identity in service.
+    Rejected,
+}
+
+impl Phase {
+    /// For the metric: 0 none, 1 waiting, 2 active, 3 rejected.
+    pub fn level(self) -> i64 {
+        match self {
+            Phase::None => 0,
+            Phase::Waiting => 1,
+            Phase::Active => 2,
+            Phase::Rejected => 3,
+        }
+    }
+}
+
+/// What `/status` shows of the staged identity.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StagedState {
+    /// Where it stands.
+    pub phase: Phase,
+    /// Why (in words).
+    pub reason: String,
+    /// Its serial, when it loads.
+    pub serial: Option<String>,
+    /// Its validity.
+    pub not_before: Option<String>,
+    /// Its validity.
+    pub not_after: Option<String>,
+    /// When it goes into service at the latest (while waiting).
+    pub activates_by: Option<String>,
+    /// When it was last looked at.
+    pub checked_at: Option<String>,
+    /// Automatic renewal: the last attempt's outcome, when there was one.
+    pub renewal: Option<RenewalAttempt>,
+}
+
+/// One automatic renewal attempt.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RenewalAttempt {
+    /// When.
+    pub at: String,
+    /// `ok` or `failed`.
+    pub result: &'static str,
+    /// What happened (the service's ErrorInfo verbatim on failure).
+    pub message: String,
+    /// When the next attempt is due after a failure.
+    pub retry_at: Option<String>,
+}
+
+impl Default for StagedState {
+    fn default() -> Self {
+        StagedState {
+            phase: Phase::None,
+            reason: "no next identity is staged".into(),
+            serial: None,
+            not_before: None,
+            not_after: None,
+            activates_by: None,
+            checked_at: None,
+            renewal: None,
+        }
+    }
+}
+
+/// What every staged identity is checked with.
+#[derive(Clone)]
+pub struct StagingParts {
+    /// The flags.
+    pub cfg: Staging,
+    /// Headers sent with the probe.
+    pub added: AddedHeaders,
+    /// Where the probe goes.
+    pub target: UpstreamTarget,
+    /// Connection timeout (bounds the probe's handshake).
+    pub connect_timeout: Duration,
+    /// Cancelled at shutdown.
+    pub stop: CancellationToken,
+}
+
+/// A next identity for one identity in service.
+pub struct Staged {
+    /// Where the next identity is read from.
+    pub source: IdentitySource,
+    organisation: Option<BusinessId>,
+    upstream: SharedUpstream,
+    reloader: Arc<Reloader>,
+    factory: UpstreamFactory,
+    parts: StagingParts,
+    state: Mutex<StagedState>,
+    poke: Notify,
+    stop: CancellationToken,
+    looked: tokio::sync::watch::Sender<u64>,
+}
+
+impl Staged {
+    /// Starts watching `source` for the identity `reloader` keeps; stops with `stop`.
+    pub fn spawn(
+        source: IdentitySource,
+        organisation: Option<BusinessId>,
+        upstream: SharedUpstream,
+        reloader: Arc<Reloader>,
+        factory: UpstreamFactory,
+        parts: StagingParts,
+        stop: CancellationToken,
+    ) -> Arc<Staged> {
+        let staged = Arc::new(Staged {
+            source,
+            organisation,
+            upstream,
+            reloader,
+            factory,
+            parts,
+            state: Mutex::new(StagedState::default()),
+            poke: Notify::new(),
+            stop,
+            looked: tokio::sync::watch::Sender::new(0),
+        });
+        tokio::spawn(staged.clone().run());
+        staged
+    }
+
+    /// Looks again now (a file event in its directory, POST /reload).
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
+
+    /// Ticks after every look (for tests and tools to wait on instead of guessing).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.looked.subscribe()
+    }
+
+    /// Where it stands.
+    pub fn state(&self) -> StagedState {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    async fn run(self: Arc<Self>) {
+        let span = self.reloader.span();
+        loop {
+            self.evaluate().instrument(span.clone()).await;
+            self.looked.send_modify(|n| *n += 1);
+            tokio::select! {
+                _ = tokio::time::sleep(self.parts.cfg.check_interval) => {},
+                _ = self.poke.notified() => {},
+                _ = self.stop.cancelled() => return,
+                _ = self.parts.stop.cancelled() => return,
+            }
+        }
+    }
+
+    fn set(
+        &self,
+        phase: Phase,
+        reason: String,
+        next: Option<&Identity>,
+        activates_by: Option<i64>,
+    ) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let changed = st.phase != phase || st.reason != reason;
+        st.phase = phase;
+        st.reason = reason.clone();
+        st.serial = next.map(|n| n.info.serial.clone());
+        st.not_before = next.map(|n| rfc3339(n.info.not_before));
+        st.not_after = next.map(|n| rfc3339(n.info.not_after));
+        st.activates_by = activates_by.map(rfc3339);
+        st.checked_at = Some(rfc3339(unix(SystemTime::now())));
+        drop(st);
+        if changed {
+            let org = self.organisation.map(|o| o.to_string());
+            match phase {
+                Phase::Rejected => {
+                    tracing::warn!(organisation = org, source = %self.source.describe(), "next identity not used: {reason}")
+                }
+                Phase::None => tracing::debug!(organisation = org, "{reason}"),
+                _ => {
+                    tracing::info!(organisation = org, source = %self.source.describe(), "next identity: {reason}")
+                }
+            }
+        }
+    }
+
+    /// One look: load the next identity and decide whether it goes into service now.
+    pub async fn evaluate(&self) {
+        if identity::load::content_hash(&self.source).is_none() {
+            self.set(Phase::None, "no next identity is staged".into(), None, None);
+            return;
+        }
+        let now = SystemTime::now();
+        let next = match identity::load(&self.source, &tls::provider(), now) {
+            Ok(n) => Arc::new(n),
+            Err(e) => {
+                self.set(Phase::Rejected, e.to_string(), None, None);
+                return;
+            }
+        };
+        let current = self.upstream.load_full();
+        let cur = &current.identity.info;
+        if next.info.fingerprint_sha256 == cur.fingerprint_sha256 {
+            self.set(Phase::Active, "in service".into(), Some(&next), None);
+            return;
+        }
+        if next.info.not_after <= cur.not_after {
+            self.set(
+                Phase::Rejected,
+                format!(
+                    "it expires on {}, not later than the identity in service ({}); it is left alone",
+                    rfc3339(next.info.not_after),
+                    rfc3339(cur.not_after)
+                ),
+                Some(&next),
+                None,
+            );
+            return;
+        }
+        let t = unix(now);
+        let by_delay = next.info.not_before + self.parts.cfg.activation_delay.as_secs() as i64;
+        let by_margin = cur.not_after - self.parts.cfg.activation_margin.as_secs() as i64;
+        let activates_by = by_delay.min(by_margin);
+        let why = if t >= by_margin {
+            Some(format!(
+                "the identity in service expires on {}: less than --activation-margin left",
+                rfc3339(cur.not_after)
+            ))
+        } else if t >= by_delay {
+            Some(format!(
+                "--activation-delay has passed since its notBefore ({})",
+                rfc3339(next.info.not_before)
+            ))
+        } else {
+            match self.probe(next.clone()).await {
+                Ok(status) => Some(format!(
+                    "a probe with it (GET {}) was accepted ({status})",
+                    self.parts.cfg.probe_path
+                )),
+                Err(not_yet) => {
+                    self.set(
+                        Phase::Waiting,
+                        format!(
+                            "staged, not in service yet: {not_yet}; tried again every {}, in service by {} at the latest",
+                            humantime::format_duration(self.parts.cfg.check_interval),
+                            rfc3339(activates_by)
+                        ),
+                        Some(&next),
+                        Some(activates_by),
+                    );
+                    return;
+                }
+            }
+        };
+        let why = why.unwrap_or_default();
+        let serial = next.info.serial.clone();
+        match self.reloader.activate(next.clone(), &why).await {
+            crate::reload::Outcome::Failed(e) => self.set(
+                Phase::Waiting,
+                format!("activation failed: {e}"),
+                Some(&next),
+                Some(activates_by),
+            ),
+            _ => {
+                tracing::info!(organisation = self.organisation.map(|o| o.to_string()), %serial, "next identity put into service: {why}");
+                self.set(
+                    Phase::Active,
+                    format!("in service: {why}"),
+                    Some(&next),
+                    None,
+                )
+            }
+        }
+    }
+
+    /// A handshake and one GET with `next`: Ok(status) when Vero API accepts it, else why not.
+    async fn probe(&self, next: Arc<Identity>) -> Result<u16, String> {
+        let up = self
+            .factory
+            .build(next)
+            .map_err(|e| format!("the probe could not be prepared ({e})"))?;
+        let conn = match tokio::time::timeout(self.parts.connect_timeout, up.pool.checkout()).await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(format!("the probe's handshake failed ({e})")),
+            Err(_) => return Err("the probe's handshake timed out".into()),
+        };
+        let target = format!(
+            "{}{}",
+            self.parts.target.base_path, self.parts.cfg.probe_path
+        );
+        let mut req = Request::get(target.as_str())
+            .body(RequestBody::Full(Some(Bytes::new())))
+            .map_err(|e| format!("--probe-path: {e}"))?;
+        for (name, value) in self.parts.added.load().iter() {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
+        let sent = tokio::time::timeout(
+            self.parts.connect_timeout,
+            conn.send(req, &self.parts.target.authority),
+        )
+        .await
+        .map_err(|_| "the probe got no answer in time".to_string())?;
+        match sent {
+            Ok((resp, _)) => match resp.status().as_u16() {
+                s @ (401 | 403) => Err(format!(
+                    "a probe with it (GET {}) was answered {s}: Vero API does not accept it yet",
+                    self.parts.cfg.probe_path
+                )),
+                s => Ok(s),
+            },
+            Err(e) => Err(
+                match e
+                    .tls
+                    .as_ref()
+                    .or_else(|| crate::error::find_tls_error(&e.error))
+                {
+                    Some(t) => format!("the upstream refused it in the handshake ({t})"),
+                    None => format!("the probe failed ({})", e.error),
+                },
+            ),
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! Staged activation of a next identity: it waits while Vero API refuses it (403 on the probe),
+//! goes into service once accepted, or when the current certificate nears expiry, with zero
+//! failed requests meanwhile; an older next identity is left alone.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use time::OffsetDateTime;
+use vero_proxy::demo::pki::Pair;
+use vero_proxy::demo::standin::{self, Handler};
+use vero_proxy::staged::{Phase, Staged};
+
+/// An upstream that records like the lab, and answers `/probe` with 403 to the certificate
+/// whose serial is in `refused` (Vero API before its daily fetch of a renewed certificate).
+struct Rig {
+    pki: Pki,
+    next_dir: PathBuf,
+    lab: Arc<Lab>,
+    refused: Arc<Mutex<Option<String>>>,
+    _upstream: standin::StandIn,
+    proxy: vero_proxy::app::Running,
+    addr: std::net::SocketAddr,
+}
+
+fn serial_of(pair: &Pair) -> String {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pair.cert_pem.as_bytes()).unwrap();
+    vero_proxy::identity::load::describe(Path::new("x"), &[der])
+        .unwrap()
+        .serial
+}
+
+/// Serials as the upstream reports them (colon-separated hex, lower case).
+fn colon_hex(serial: &str) -> String {
+    serial.to_ascii_lowercase()
+}
+
+fn write_pair(dir: &Path, pair: &Pair) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, text) in [("key.pem", &pair.key_pem), ("cert.pem", &pair.cert_pem)] {
+        let tmp = dir.join(format!(".{name}.new"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+}
+
+impl Rig {
+    /// A proxy whose current certificate has `days_left` (None: the test PKI's, two years).
+    async fn new(days_left: Option<i64>, extra: &[&str]) -> Rig {
+        let mut pki = Pki::new();
+        if let Some(days) = days_left {
+            let now = OffsetDateTime::now_utc();
+            let c = pki
+                .ca
+                .client_valid(
+                    "1234567-1",
+                    "Testi Oy",
+                    now - time::Duration::days(700),
+                    now + time::Duration::days(days),
+                    rcgen::KeyPair::generate().unwrap(),
+                )
+                .unwrap();
+            std::fs::write(&pki.cert, &c.cert_pem).unwrap();
+            std::fs::write(&pki.key, &c.key_pem).unwrap();
+            pki.client = c;
+        }
+        let next_dir = pki.path("next");
+        std::fs::create_dir_all(&next_dir).unwrap();
+        let lab = Arc::new(Lab::default());
+        let refused: Arc<Mutex<Option<String>>> = Arc::default();
+        let inner = lab_handler(lab.clone());
+        let refused_by = refused.clone();
+        let handler: Handler = Arc::new(move |seen: standin::Seen, req| {
+            let refuse = req.uri().path() == "/probe"
+                && refused_by
+                    .lock()
+                    .unwrap()
+                    .as_deref()
+                    .map(colon_hex)
+                    .as_deref()
+                    == seen
+                        .client_serial
+                        .as_deref()
+                        .map(str::to_ascii_lowercase)
+                        .as_deref();
+            if refuse {
+                return Box::pin(async {
+                    let mut r = http::Response::new(standin::full(Bytes::from_static(
+                        b"{\"error\":\"certificate not known yet\"}",
+                    )));
+                    *r.status_mut() = http::StatusCode::FORBIDDEN;
+                    r
+                });
+            }
+            inner(seen, req)
+        });
+        let server = pki.ca.server(&["localhost"]).unwrap();
+        let cfg =
+            standin::server_config(&server, &[&pki.ca.ca_pem], &[b"h2", b"http/1.1"]).unwrap();
+        let upstream = standin::start(cfg, handler).await.unwrap();
+        let url = format!("https://localhost:{}", upstream.addr.port());
+        let mut flags = vec![
+            "--next-identity-dir",
+            next_dir.to_str().unwrap(),
+            "--probe-path",
+            "/probe",
+            "--activation-check-interval",
+            "50ms",
+            "--reload-debounce",
+            "20ms",
+        ];
+        flags.extend_from_slice(extra);
+        let proxy = start_proxy(proxy_args(&pki, &url, &flags)).await;
+        let addr = match &proxy.listen {
+            vero_proxy::server::BoundAddr::Tcp(a) => *a,
+            other => panic!("expected TCP, got {other}"),
+        };
+        Rig {
+            pki,
+            next_dir,
+            lab,
+            refused,
+            _upstream: upstream,
+            proxy,
+            addr,
+        }
+    }
+
+    fn staged(&self) -> Arc<Staged> {
+        self.proxy.orgs.only().unwrap().staged.clone().unwrap()
+    }
+
+    async fn wait_phase(&self, phase: Phase, containing: &str) -> String {
+        let staged = self.staged();
+        let mut rx = staged.subscribe();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let st = staged.state();
+                if st.phase == phase && st.reason.contains(containing) {
+                    return st.reason;
+                }
+                rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("never {phase:?} with {containing:?}: {:?}", staged.state()))
+    }
+
+    fn serial_in_service(&self) -> String {
+        let org = self.proxy.orgs.only().unwrap();
+        let up = org.upstream.load();
+        up.identity.info.serial.clone()
+    }
+}
+
+/// A renewed certificate as the service issues it: valid from now, for two years.
+fn renewed(pki: &Pki) -> Pair {
+    let now = OffsetDateTime::now_utc();
+    pki.ca
+        .client_valid(
+            "1234567-1",
+            "Testi Oy",
+            now - time::Duration::minutes(1),
+            now + time::Duration::days(730),
+            rcgen::KeyPair::generate().unwrap(),
+        )
+        .unwrap()
+}
+
+/// Keep-alive clients sending requests until stopped; their failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
+                tokio::spawn(async move {
+                    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    let (mut tx, conn) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                            .await
+                            .unwrap();
+                    tokio::spawn(conn);
+                    while !stop.load(Ordering::SeqCst) {
+                        let req = Request::get("/x")
+                            .header("host", "localhost")
+                            .body(Full::new(Bytes::new()))
+                            .unwrap();
+                        match tx.send_request(req).await {
+                            Ok(r) if r.status() == 200 => {
+                                r.into_body().collect().await.unwrap();
+                                served.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Ok(r) => failures.lock().unwrap().push(r.status().to_string()),
+                            Err(e) => failures.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            served,
+            failures,
+            tasks,
+        }
+    }
+
+    async fn progress(&self, n: u64) {
+        let goal = self.served.load(Ordering::SeqCst) + n;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while self.served.load(Ordering::SeqCst) < goal {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the load stalled");
+    }
+
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let f = self.failures.lock().unwrap().clone();
+        (self.served.load(Ordering::SeqCst), f)
+    }
+}
+
+#[tokio::test]
+async fn a_staged_identity_waits_while_refused_then_goes_into_service_without_a_failed_request() {
+    let rig = Rig::new(Some(50), &[]).await;
+    let current = serial_of(&rig.pki.client);
+    rig.wait_phase(Phase::None, "no next identity").await;
+    let load = Load::start(rig.addr, 4);
+    load.progress(100).await;
+
+    let next = renewed(&rig.pki);
+    *rig.refused.lock().unwrap() = Some(serial_of(&next));
+    write_pair(&rig.next_dir, &next);
+    let why = rig.wait_phase(Phase::Waiting, "403").await;
+    assert!(why.contains("does not accept it yet"), "{why}");
+    load.progress(100).await;
+    assert_eq!(rig.serial_in_service(), current, "activated while refused");
+
+    // Vero API has fetched it: the probe passes and the next look puts it into service.
+    *rig.refused.lock().unwrap() = None;
+    let why = rig.wait_phase(Phase::Active, "in service").await;
+    assert!(why.contains("accepted"), "{why}");
+    assert_eq!(rig.serial_in_service(), serial_of(&next));
+    load.progress(200).await;
+    let (served, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {served} failed: {failures:?}",
+        failures.len()
+    );
+    let last = rig.lab.received().last().cloned().unwrap();
+    assert_eq!(
+        last.seen.client_serial.unwrap().to_ascii_lowercase(),
+        colon_hex(&serial_of(&next))
+    );
+
+    // A reload of the (unchanged) current files keeps the newer identity in service.
+    rig.proxy.orgs.reload_all("test").await;
+    assert_eq!(rig.serial_in_service(), serial_of(&next));
+    let status = vero_proxy::admin::status::of(&rig.proxy.admin_state);
+    assert_eq!(status["identity"]["next"]["phase"], "active", "{status}");
+}
+
+#[tokio::test]
+async fn near_expiry_the_staged_identity_goes_into_service_even_while_refused() {
+    let rig = Rig::new(Some(3), &["--activation-margin", "7d"]).await;
+    assert_eq!(rig.serial_in_service(), serial_of(&rig.pki.client));
+
+    let next = renewed(&rig.pki);
+    *rig.refused.lock().unwrap() = Some(serial_of(&next));
+    write_pair(&rig.next_dir, &next);
+    let why = rig.wait_phase(Phase::Active, "activation-margin").await;
+    assert!(why.contains("in service"), "{why}");
+    assert_eq!(rig.serial_in_service(), serial_of(&next));
+}
+
+#[tokio::test]
+async fn an_older_or_broken_next_identity_is_left_alone() {
+    let rig = Rig::new(None, &[]).await;
+    let current = serial_of(&rig.pki.client);
+    let now = OffsetDateTime::now_utc();
+    let older = rig
+        .pki
+        .ca
+        .client_valid(
+            "1234567-1",
+            "Testi Oy",
+            now - time::Duration::days(10),
+            now + time::Duration::days(100),
+            rcgen::KeyPair::generate().unwrap(),
+        )
+        .unwrap();
+    write_pair(&rig.next_dir, &older);
+    let why = rig.wait_phase(Phase::Rejected, "not later than").await;
+    assert!(why.contains("left alone"), "{why}");
+    std::fs::write(rig.next_dir.join("key.pem"), "not a key").unwrap();
+    rig.wait_phase(Phase::Rejected, "key").await;
+    assert_eq!(rig.serial_in_service(), current);
+    let a = send(rig.addr, get("/x")).await;
+    assert_eq!(a.status, 200);
+}
+
+#[tokio::test]
+async fn after_the_activation_delay_the_staged_identity_goes_into_service_even_while_refused() {
+    // Its notBefore was a minute ago; a 30 s delay has passed.
+    let rig = Rig::new(Some(300), &["--activation-delay", "30s"]).await;
+    let next = renewed(&rig.pki);
+    *rig.refused.lock().unwrap() = Some(serial_of(&next));
+    write_pair(&rig.next_dir, &next);
+    let why = rig.wait_phase(Phase::Active, "activation-delay").await;
+    assert!(why.contains("in service"), "{why}");
+    assert_eq!(rig.serial_in_service(), serial_of(&next));
+}
