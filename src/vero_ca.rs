@@ -189,6 +189,34 @@ pub fn issuer_name(der: &[u8]) -> Option<&'static str> {
     issuing_ca(der).map(|c| c.name)
 }
 
+/// Which embedded CA certificate these DER bytes are, if any: its environment and common
+/// name. For telling a person that a chain file holds the Tax Administration's own CAs.
+pub fn embedded_ca(der: &[u8]) -> Option<(Environment, &'static str)> {
+    let others = [
+        (
+            Environment::Production,
+            "Verohallinto Root CA v1",
+            PRODUCTION_ROOT,
+        ),
+        (
+            Environment::Production,
+            "Verohallinto Intermediate CA v1",
+            PRODUCTION_INTERMEDIATE,
+        ),
+        (Environment::Test, "Verohallinto Root Test CA v1", TEST_ROOT),
+        (
+            Environment::Test,
+            "Verohallinto Intermediate Test CA v1",
+            TEST_INTERMEDIATE,
+        ),
+    ];
+    others
+        .into_iter()
+        .chain(ISSUING_CAS.iter().map(|c| (c.environment, c.name, c.pem)))
+        .find(|(_, _, pem)| der_of(pem).as_ref() == der)
+        .map(|(env, name, _)| (env, name))
+}
+
 /// The embedded issuing CA whose key signed this DER certificate and whose name is its issuer.
 pub fn issuing_ca(der: &[u8]) -> Option<&'static IssuingCa> {
     let cas: Vec<CertificateDer<'static>> = ISSUING_CAS.iter().map(IssuingCa::der).collect();
@@ -353,5 +381,20 @@ mod tests {
         assert_eq!(issuer_name(leaf.as_ref()), None);
         assert_eq!(complete_chain(&leaf), vec![leaf.clone()]);
         assert_eq!(environment_of(b"not a certificate"), None);
+        assert_eq!(embedded_ca(leaf.as_ref()), None);
+    }
+
+    #[test]
+    fn embedded_ca_recognises_each_copy() {
+        assert_eq!(
+            embedded_ca(root(Environment::Test).as_ref()),
+            Some((Environment::Test, "Verohallinto Root Test CA v1"))
+        );
+        for ca in &ISSUING_CAS {
+            assert_eq!(
+                embedded_ca(ca.der().as_ref()),
+                Some((ca.environment, ca.name))
+            );
+        }
     }
 }
