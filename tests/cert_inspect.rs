@@ -328,6 +328,26 @@ async fn an_identity_directory_as_a_kubernetes_secret_mounts_it() {
 }
 
 #[tokio::test]
+async fn a_directory_of_identity_directories_shows_each_organisation() {
+    let pki = TestPki::new("inspect CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (org, days) in [("1234567-1", 300), ("7654321-9", 30)] {
+        let sub = dir.path().join(org);
+        std::fs::create_dir(&sub).unwrap();
+        client_for(&pki, &sub, "cert", -1, days);
+        std::fs::rename(sub.join("cert.key"), sub.join("key.pem")).unwrap();
+    }
+    let run = inspect(&["--json", &s(dir.path())], &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    let j = run.json();
+    let inputs = j["inputs"].as_array().unwrap();
+    assert_eq!(inputs.len(), 2, "{j}");
+    assert!(inputs[0]["input"].as_str().unwrap().ends_with("1234567-1"));
+    assert_eq!(leaf(&inputs[1])["days_left"], 30);
+    assert_eq!(inputs[1]["keys"][0]["matches"], true);
+}
+
+#[tokio::test]
 async fn garbage_and_missing_inputs_are_named_and_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(PathBuf, &[u8], &str)> = vec![

@@ -32,8 +32,9 @@ Administration's certificate service starts accepting renewals; from --renewal-c
 (14) on it is \"closing soon\". An expired certificate cannot be renewed.")]
 pub struct InspectArgs {
     /// What to inspect: PEM files (a chain, possibly with its key), DER certificates, PKCS#12
-    /// files (.p12/.pfx), identity directories (cert.pem + key.pem or tls.crt + tls.key), or a
-    /// running proxy's admin status URL, e.g. http://127.0.0.1:9901/status (loopback only).
+    /// files (.p12/.pfx), identity directories (cert.pem + key.pem or tls.crt + tls.key) or a
+    /// directory of them (--identities-dir), or a running proxy's admin status URL, e.g.
+    /// http://127.0.0.1:9901/status (loopback only).
     #[arg(required = true, value_name = "FILE")]
     pub inputs: Vec<String>,
 
@@ -85,13 +86,14 @@ pub async fn run(args: InspectArgs) -> anyhow::Result<bool> {
     };
     let mut all = Vec::new();
     for input in &args.inputs {
-        let mut inspected = if status::is_url(input) {
-            status::inspect(input).await
+        if status::is_url(input) {
+            all.push(status::inspect(input).await);
         } else {
-            read::inspect(input, &opts)
-        };
+            all.extend(read::expand(input).iter().map(|i| read::inspect(i, &opts)));
+        }
+    }
+    for inspected in &mut all {
         inspected.judge(now, args.fail_within);
-        all.push(inspected);
     }
     let ok = all.iter().all(|i| i.problems.is_empty());
     if args.json {

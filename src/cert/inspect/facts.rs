@@ -56,6 +56,8 @@ pub struct CertFacts {
     pub is_ca: bool,
     /// Which of the Tax Administration's own CA certificates this is, if it is one.
     pub embedded: Option<(Environment, &'static str)>,
+    /// The organisation a running proxy uses it for (with `--identities-dir`).
+    pub organisation: Option<String>,
 }
 
 impl CertFacts {
@@ -79,6 +81,7 @@ impl CertFacts {
             signed_previous: None,
             is_ca: parsed.as_ref().is_some_and(|c| c.is_ca()),
             embedded: vero_ca::embedded_ca(der),
+            organisation: None,
         })
     }
 

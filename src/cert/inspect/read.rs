@@ -13,6 +13,36 @@ use super::Options;
 use crate::identity::source::{read_password_file, DIR_PAIRS};
 use crate::identity::{keys, pkcs12, IdentityError};
 
+/// The inputs a path stands for: itself, or for a directory of identity directories (the
+/// proxy's `--identities-dir`, one subdirectory per business ID) each subdirectory with a pair.
+pub fn expand(input: &str) -> Vec<String> {
+    let path = Path::new(input);
+    let has_pair = |d: &Path| {
+        DIR_PAIRS
+            .iter()
+            .any(|(c, k)| d.join(c).exists() && d.join(k).exists())
+    };
+    if !path.is_dir() || has_pair(path) {
+        return vec![input.to_string()];
+    }
+    let mut subdirs: Vec<String> = std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_dir() && has_pair(p))
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    subdirs.sort();
+    if subdirs.is_empty() {
+        vec![input.to_string()]
+    } else {
+        subdirs
+    }
+}
+
 /// Reads one file or directory.
 pub fn inspect(input: &str, opts: &Options) -> Inspected {
     let path = Path::new(input);

@@ -88,6 +88,9 @@ pub fn text(all: &[Inspected], now: i64, t: Thresholds, color: bool) -> String {
 
 fn cert_lines(line: &mut impl FnMut(&str, &str), c: &CertFacts, now: i64, t: Thresholds) {
     let info = &c.info;
+    if let Some(org) = &c.organisation {
+        line("organisation", org);
+    }
     line("subject", &info.subject);
     line("issuer", &info.issuer);
     line("issued by", &c.tax_ca_text());
@@ -146,6 +149,7 @@ fn cert_json(c: &CertFacts, now: i64, t: Thresholds) -> Value {
     let info = &c.info;
     json!({
         "role": c.role,
+        "organisation": c.organisation,
         "subject": info.subject,
         "issuer": info.issuer,
         "tax_administration": {

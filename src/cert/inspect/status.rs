@@ -99,21 +99,37 @@ fn from_status(url: &str, v: &serde_json::Value) -> Result<Inspected, String> {
     let ident = v.get("identity").filter(|i| i.is_object()).ok_or_else(|| {
         format!("{url}: the answer has no \"identity\"; is it a vero-proxy /status?")
     })?;
-    out.certs.push(facts(url, ident, "leaf")?);
+    let s = |o: &serde_json::Value, k: &str| o.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    // With --identities-dir the proxy lists one identity per organisation; `identity` is then
+    // only the one that expires first.
+    let all: Vec<&serde_json::Value> = match v.get("identities").and_then(|x| x.as_array()) {
+        Some(list) if list.len() > 1 => list.iter().collect(),
+        _ => vec![ident],
+    };
+    for id in &all {
+        let mut f = facts(url, id, "leaf")?;
+        f.organisation = s(id, "organisation");
+        let whose = f
+            .organisation
+            .as_ref()
+            .map(|o| format!("{o}: "))
+            .unwrap_or_default();
+        out.certs.push(f);
+        if let Some(src) = s(id, "source") {
+            out.notes
+                .push(format!("{whose}identity in service loaded from {src}"));
+        }
+        if let Some(n) = id.get("chain_certificates").and_then(|x| x.as_u64()) {
+            out.notes.push(format!(
+                "{whose}chain: {n} certificate(s) sent after the leaf"
+            ));
+        }
+    }
     if let Some(next) = v
         .get("next_identity")
         .filter(|n| n.get("not_after").is_some())
     {
         out.certs.push(facts(url, next, "next")?);
-    }
-    let s = |o: &serde_json::Value, k: &str| o.get(k).and_then(|x| x.as_str()).map(str::to_owned);
-    if let Some(src) = s(ident, "source") {
-        out.notes
-            .push(format!("identity in service loaded from {src}"));
-    }
-    if let Some(n) = ident.get("chain_certificates").and_then(|x| x.as_u64()) {
-        out.notes
-            .push(format!("chain: {n} certificate(s) sent after the leaf"));
     }
     if let (Some(ver), Some(up)) = (s(v, "version"), s(v, "upstream")) {
         out.notes.push(format!("vero-proxy {ver}, upstream {up}"));
@@ -156,6 +172,7 @@ fn facts(url: &str, o: &serde_json::Value, role: &'static str) -> Result<CertFac
         signed_previous: None,
         is_ca: false,
         embedded: None,
+        organisation: None,
     })
 }
 
@@ -169,4 +186,78 @@ fn by_name(issuer: &str) -> Option<(Environment, &'static str)> {
                 .any(|part| part.trim() == format!("CN={}", ca.name))
         })
         .map(|ca| (ca.environment, ca.name))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn identity(org: &str, cn: &str, issuer: &str) -> serde_json::Value {
+        serde_json::json!({
+            "organisation": org,
+            "subject": format!("CN={cn}, O=Oy, C=FI"),
+            "issuer": issuer,
+            "serial": "01",
+            "fingerprint_sha256": "ab",
+            "not_before": "2026-01-01T00:00:00Z",
+            "not_after": "2028-01-01T00:00:00Z",
+            "chain_certificates": 1,
+            "source": format!("/ids/{org}/"),
+        })
+    }
+
+    #[test]
+    fn one_identity_or_one_per_organisation() {
+        let test_ca = "CN=Data Providers Test Issuing CA v1, O=Verohallinto, C=FI";
+        let one = identity("1234567-1", "1234567-1", test_ca);
+        let v = serde_json::json!({"version": "0.1.0", "upstream": "https://x", "identity": one});
+        let i = from_status("http://127.0.0.1:9901/status", &v).unwrap();
+        assert_eq!(i.certs.len(), 1);
+        assert_eq!(
+            i.certs[0].tax_ca,
+            Some((Environment::Test, "Data Providers Test Issuing CA v1"))
+        );
+        assert_eq!(i.certs[0].info.not_after, 1_830_297_600);
+
+        let other = identity(
+            "7654321-9",
+            "7654321-9",
+            "CN=Data Providers Issuing CA v1, O=Verohallinto, C=FI",
+        );
+        let v = serde_json::json!({"identity": one, "identities": [one, other]});
+        let i = from_status("http://127.0.0.1:9901/status", &v).unwrap();
+        let orgs: Vec<_> = i
+            .certs
+            .iter()
+            .map(|c| c.organisation.clone().unwrap())
+            .collect();
+        assert_eq!(orgs, ["1234567-1", "7654321-9"]);
+        assert_eq!(
+            i.certs[1].tax_ca.map(|t| t.0),
+            Some(Environment::Production)
+        );
+        assert!(i
+            .notes
+            .iter()
+            .any(|n| n == "7654321-9: identity in service loaded from /ids/7654321-9/"));
+    }
+
+    #[test]
+    fn an_answer_without_an_identity_is_named() {
+        let e = from_status(
+            "http://127.0.0.1:1/status",
+            &serde_json::json!({"ok": true}),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("http://127.0.0.1:1/status") && e.contains("no \"identity\""),
+            "{e}"
+        );
+        // A look-alike issuer name that is not exactly the CA's is not taken for it.
+        assert_eq!(
+            by_name("CN=Data Providers Test Issuing CA v1 (copy), O=X"),
+            None
+        );
+    }
 }
