@@ -348,6 +348,33 @@ async fn a_directory_of_identity_directories_shows_each_organisation() {
 }
 
 #[tokio::test]
+async fn standard_input_is_read_for_a_dash() {
+    use tokio::io::AsyncWriteExt;
+    let pki = TestPki::new("inspect CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = client_for(&pki, dir.path(), "c", -1, 300);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vero-proxy"))
+        .args(["cert", "inspect", "--json", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(&std::fs::read(&cert).unwrap())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        leaf(&j["inputs"][0])["subject"],
+        "CN=1234567-8, O=Testi Oy, C=FI"
+    );
+}
+
+#[tokio::test]
 async fn garbage_and_missing_inputs_are_named_and_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(PathBuf, &[u8], &str)> = vec![
@@ -394,6 +421,15 @@ async fn garbage_and_missing_inputs_are_named_and_exit_1() {
     assert!(
         err.contains(&missing) && err.contains("No such file"),
         "{err}"
+    );
+
+    // Endless input is cut short, not read to the end.
+    let run = inspect(&["/dev/zero"], &[]).await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stdout.contains("/dev/zero is larger than 4 MiB"),
+        "{}",
+        run.stdout
     );
 
     // An empty directory is neither pair.

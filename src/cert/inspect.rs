@@ -33,8 +33,8 @@ Administration's certificate service starts accepting renewals; from --renewal-c
 pub struct InspectArgs {
     /// What to inspect: PEM files (a chain, possibly with its key), DER certificates, PKCS#12
     /// files (.p12/.pfx), identity directories (cert.pem + key.pem or tls.crt + tls.key) or a
-    /// directory of them (--identities-dir), or a running proxy's admin status URL, e.g.
-    /// http://127.0.0.1:9901/status (loopback only).
+    /// directory of them (--identities-dir), `-` for standard input, or a running proxy's
+    /// admin status URL, e.g. http://127.0.0.1:9901/status (loopback only).
     #[arg(required = true, value_name = "FILE")]
     pub inputs: Vec<String>,
 

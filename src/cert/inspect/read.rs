@@ -43,18 +43,26 @@ pub fn expand(input: &str) -> Vec<String> {
     }
 }
 
-/// Reads one file or directory.
+/// More than any certificate chain or PKCS#12 file: a larger input is the wrong file (or
+/// /dev/zero), not something to read to its end.
+const MAX_INPUT: u64 = 4 << 20;
+
+/// Reads one file or directory; `-` is standard input.
 pub fn inspect(input: &str, opts: &Options) -> Inspected {
     let path = Path::new(input);
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) => return Inspected::failed(input, "file", format!("cannot read {input}: {e}")),
-    };
-    let (kind, read) = if meta.is_dir() {
+    let (kind, read) = if input == "-" {
+        match read_capped(std::io::stdin().lock(), "standard input") {
+            Ok(bytes) => file(Path::new("standard input"), &bytes, opts),
+            Err(e) => ("file", Err(e)),
+        }
+    } else if path.is_dir() {
         ("identity-dir", dir(path, opts))
     } else {
-        match std::fs::read(path) {
-            Ok(bytes) => file(path, &bytes, opts),
+        match std::fs::File::open(path) {
+            Ok(f) => match read_capped(f, input) {
+                Ok(bytes) => file(path, &bytes, opts),
+                Err(e) => ("file", Err(e)),
+            },
             Err(e) => ("file", Err(format!("cannot read {input}: {e}"))),
         }
     };
@@ -101,6 +109,21 @@ pub fn inspect(input: &str, opts: &Options) -> Inspected {
         });
     }
     out
+}
+
+fn read_capped(from: impl std::io::Read, name: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    from.take(MAX_INPUT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {name}: {e}"))?;
+    if bytes.len() as u64 > MAX_INPUT {
+        return Err(format!(
+            "{name} is larger than {} MiB: not a certificate file",
+            MAX_INPUT >> 20
+        ));
+    }
+    Ok(bytes)
 }
 
 /// A key read from the input itself: where it came from, and the key or why it is unusable.
