@@ -40,8 +40,16 @@ pub fn text(all: &[Inspected], now: i64, t: Thresholds, color: bool) -> String {
         }
         if i.kind != "status" && !i.certs.is_empty() {
             let chain: Vec<&CertFacts> = i.certs.iter().filter(|c| c.role == "chain").collect();
-            if chain.is_empty() {
-                line("chain sent", "the leaf alone (no CA certificate after it)");
+            match (chain.is_empty(), i.certs.first().and_then(|c| c.tax_ca)) {
+                (true, Some((_, name))) => line(
+                    "chain sent",
+                    &format!(
+                        "the leaf alone; sending \"{name}\" after it is the safe choice \
+                         (whether Vero API needs it is undocumented)"
+                    ),
+                ),
+                (true, None) => line("chain sent", "the leaf alone (no CA certificate after it)"),
+                _ => {}
             }
             for (k, c) in chain.iter().enumerate() {
                 let label = if k == 0 { "chain sent" } else { "" };
