@@ -315,6 +315,20 @@ async fn an_identity_directory_as_a_kubernetes_secret_mounts_it() {
         run.stdout
     );
 
+    // A CA that did not issue the leaf, sent after it: said so.
+    let stranger = TestPki::new("another CA").unwrap();
+    let chain = std::fs::read_to_string(&cert).unwrap() + &stranger.ca_pem;
+    std::fs::write(secret.join("tls.crt"), chain).unwrap();
+    let run = inspect(&[&s(&secret)], &[]).await;
+    assert!(
+        run.stdout.contains("did NOT issue the one before")
+            && run
+                .stdout
+                .contains("the chain is out of order or belongs to another certificate"),
+        "{}",
+        run.stdout
+    );
+
     // The other pair's key in the directory: a mismatch, named.
     client_for(&pki, dir.path(), "d", -1, 300);
     std::fs::copy(dir.path().join("d.key"), secret.join("tls.key")).unwrap();
