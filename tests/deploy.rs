@@ -686,3 +686,35 @@ fn renewal_publish_fails_loudly_when_the_api_refuses_or_the_staged_pair_is_missi
     );
     assert!(!r.path("fake/main.merge").exists());
 }
+
+#[test]
+fn proxy_deployments_mount_the_optional_next_secret_as_their_next_identity() {
+    for manifest in [
+        "deploy/kubernetes/sidecar.yaml",
+        "deploy/kubernetes/shared-service.yaml",
+    ] {
+        let yaml = read(manifest);
+        let args = container_args(&yaml);
+        assert!(
+            args.iter().any(|a| a
+                .iter()
+                .any(|f| f == "--next-identity-dir=/etc/vero-proxy/tls-next")),
+            "{manifest}: no --next-identity-dir"
+        );
+        assert!(
+            yaml.contains("mountPath: /etc/vero-proxy/tls-next\n              readOnly: true"),
+            "{manifest}: /etc/vero-proxy/tls-next is not mounted read-only"
+        );
+        let volume = yaml
+            .split("- name: identity-next\n          secret:")
+            .nth(1)
+            .expect("the identity-next volume");
+        let volume: String = volume.lines().take(4).collect::<Vec<_>>().join("\n");
+        assert!(
+            volume.contains("secretName: vero-proxy-identity-next")
+                && volume.contains("optional: true")
+                && volume.contains("defaultMode: 0440"),
+            "{manifest}: {volume}"
+        );
+    }
+}
