@@ -59,8 +59,14 @@ pub struct StagedState {
     pub phase: Phase,
     /// Why (in words).
     pub reason: String,
-    /// Its serial, when it loads.
+    /// Its subject, when it loads.
+    pub subject: Option<String>,
+    /// Its issuer.
+    pub issuer: Option<String>,
+    /// Its serial.
     pub serial: Option<String>,
+    /// Its SHA-256 fingerprint.
+    pub fingerprint_sha256: Option<String>,
     /// Its validity.
     pub not_before: Option<String>,
     /// Its validity.
@@ -91,7 +97,10 @@ impl Default for StagedState {
         StagedState {
             phase: Phase::None,
             reason: "no next identity is staged".into(),
+            subject: None,
+            issuer: None,
             serial: None,
+            fingerprint_sha256: None,
             not_before: None,
             not_after: None,
             activates_by: None,
@@ -200,7 +209,10 @@ impl Staged {
         let changed = st.phase != phase || st.reason != reason;
         st.phase = phase;
         st.reason = reason.clone();
+        st.subject = next.map(|n| n.info.subject.clone());
+        st.issuer = next.map(|n| n.info.issuer.clone());
         st.serial = next.map(|n| n.info.serial.clone());
+        st.fingerprint_sha256 = next.map(|n| n.info.fingerprint_sha256.clone());
         st.not_before = next.map(|n| rfc3339(n.info.not_before));
         st.not_after = next.map(|n| rfc3339(n.info.not_after));
         st.activates_by = activates_by.map(rfc3339);

@@ -125,11 +125,19 @@ fn from_status(url: &str, v: &serde_json::Value) -> Result<Inspected, String> {
             ));
         }
     }
-    if let Some(next) = v
-        .get("next_identity")
-        .filter(|n| n.get("not_after").is_some())
-    {
-        out.certs.push(facts(url, next, "next")?);
+    // A staged next identity, per identity in service (`next`, with its phase and reason).
+    for id in &all {
+        if let Some(next) = id
+            .get("next")
+            .filter(|n| n.get("not_after").is_some_and(|t| t.is_string()))
+        {
+            let mut f = facts(url, next, "next")?;
+            f.organisation = s(id, "organisation");
+            if let (Some(phase), Some(reason)) = (s(next, "phase"), s(next, "reason")) {
+                out.notes.push(format!("next identity {phase}: {reason}"));
+            }
+            out.certs.push(f);
+        }
     }
     if let (Some(ver), Some(up)) = (s(v, "version"), s(v, "upstream")) {
         out.notes.push(format!("vero-proxy {ver}, upstream {up}"));
@@ -158,6 +166,7 @@ fn facts(url: &str, o: &serde_json::Value, role: &'static str) -> Result<CertFac
         not_after: time("not_after")?,
         fingerprint_sha256: s("fingerprint_sha256"),
         client_auth_allowed: None,
+        organisation: None,
         chain_len: o
             .get("chain_certificates")
             .and_then(|x| x.as_u64())
