@@ -44,6 +44,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The identity and pool of the one identity in service (`None` with several).
+    pub fn in_service(&self) -> Option<Arc<crate::upstream::Upstream>> {
+        self.orgs.only().map(|o| o.upstream.load_full())
+    }
+
     /// The reloader of the one identity in service (`None` with several).
     pub fn reloader(&self) -> Option<Arc<Reloader>> {
         self.orgs.only().map(|o| o.reloader.clone())

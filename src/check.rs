@@ -83,22 +83,11 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<bool> {
             dir,
             pkcs12_password,
         } => {
-            let names = match std::fs::read_dir(dir) {
-                Ok(entries) => {
-                    let mut n: Vec<String> = entries
-                        .flatten()
-                        .filter(|e| e.path().is_dir())
-                        .filter_map(|e| e.file_name().into_string().ok())
-                        .filter(|n| !n.starts_with('.'))
-                        .collect();
-                    n.sort();
-                    n
-                }
-                Err(e) => {
-                    r.error(&format!("--identities-dir {}: {e}", dir.display()));
-                    return Ok(false);
-                }
-            };
+            if let Err(e) = std::fs::read_dir(dir) {
+                r.error(&format!("--identities-dir {}: {e}", dir.display()));
+                return Ok(false);
+            }
+            let names = crate::orgs::subdirectories(dir);
             if names.is_empty() {
                 r.error(&format!(
                     "--identities-dir {} holds no subdirectory; add one per business ID (1234567-1/cert.pem + key.pem)",

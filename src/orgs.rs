@@ -562,7 +562,7 @@ pub fn source_in(dir: &Path, env_password: Option<&Password>) -> IdentitySource 
 
 /// Names of the subdirectories of `root` that may hold an identity (hidden ones, such as a
 /// Kubernetes volume's `..data`, left out).
-fn subdirectories(root: &Path) -> Vec<String> {
+pub fn subdirectories(root: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(root) else {
         return Vec::new();
     };

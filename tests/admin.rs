@@ -70,16 +70,7 @@ async fn metrics_count_requests_bytes_errors_and_show_the_certificate() {
         metric(&text, "vero_proxy_request_duration_seconds_count"),
         4.0
     );
-    let info = &s
-        .proxy
-        .proxy
-        .orgs
-        .only()
-        .unwrap()
-        .upstream
-        .load()
-        .identity
-        .info;
+    let info = &s.proxy.in_service().unwrap().identity.info;
     assert_eq!(
         metric(&text, "vero_proxy_identity_not_after_timestamp_seconds"),
         info.not_after as f64
@@ -105,16 +96,7 @@ async fn status_json_and_page_show_the_identity_and_its_renewal_state() {
     let a = send(s.proxy.admin, get("/status")).await;
     assert_eq!(a.status, 200);
     let st = a.json();
-    let info = &s
-        .proxy
-        .proxy
-        .orgs
-        .only()
-        .unwrap()
-        .upstream
-        .load()
-        .identity
-        .info;
+    let info = &s.proxy.in_service().unwrap().identity.info;
     assert_eq!(st["identity"]["subject"], info.subject.as_str());
     assert_eq!(st["identity"]["serial"], info.serial.as_str());
     assert_eq!(st["identity"]["renewal_state"], "ok");

@@ -292,10 +292,9 @@ async fn shutdown_lets_requests_in_flight_finish_and_stops_accepting() {
 async fn the_pool_is_replaced_after_the_max_connection_age() {
     let s = Setup::new(&["--upstream-max-connection-age", "300ms"]).await;
     assert_eq!(s.get("/x").await.status, 200);
-    let first = std::sync::Arc::as_ptr(&s.proxy.proxy.orgs.only().unwrap().upstream.load_full());
+    let first = std::sync::Arc::as_ptr(&s.proxy.in_service().unwrap());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while std::sync::Arc::as_ptr(&s.proxy.proxy.orgs.only().unwrap().upstream.load_full()) == first
-    {
+    while std::sync::Arc::as_ptr(&s.proxy.in_service().unwrap()) == first {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the pool was never replaced"

@@ -14,7 +14,6 @@ use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use time::OffsetDateTime;
 use vero_proxy::business_id::BusinessId;
 use vero_proxy::demo::pki::Pair;
 
@@ -226,17 +225,7 @@ async fn broken_expired_and_misnamed_identities_are_skipped_with_a_report() {
     let root = pki.path("identities");
     std::fs::create_dir_all(&root).unwrap();
     write_identity(&root, A, &pki.ca.client(A, "Hyvä Oy").unwrap());
-    let now = OffsetDateTime::now_utc();
-    let expired = pki
-        .ca
-        .client_valid(
-            B,
-            "Vanha Oy",
-            now - time::Duration::days(800),
-            now - time::Duration::days(70),
-            rcgen::KeyPair::generate().unwrap(),
-        )
-        .unwrap();
+    let expired = client_for_days(&pki.ca, B, -800, -70);
     write_identity(&root, B, &expired);
     // A key that belongs to another certificate.
     let other = pki.ca.client(C, "Sekava Oy").unwrap();
@@ -573,17 +562,7 @@ async fn check_reports_every_identity_in_the_directory() {
     let pki = Pki::new();
     let root = pki.path("identities");
     write_identity(&root, A, &pki.ca.client(A, "Hyvä Oy").unwrap());
-    let now = OffsetDateTime::now_utc();
-    let expired = pki
-        .ca
-        .client_valid(
-            B,
-            "Vanha Oy",
-            now - time::Duration::days(800),
-            now - time::Duration::days(1),
-            rcgen::KeyPair::generate().unwrap(),
-        )
-        .unwrap();
+    let expired = client_for_days(&pki.ca, B, -800, -1);
     write_identity(&root, B, &expired);
     let run = |dir: &Path| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vero-proxy"));

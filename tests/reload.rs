@@ -82,12 +82,8 @@ impl Rig {
 
     fn serial_in_service(&self) -> String {
         self.proxy
-            .proxy
-            .orgs
-            .only()
+            .in_service()
             .unwrap()
-            .upstream
-            .load()
             .identity
             .info
             .serial
@@ -410,15 +406,7 @@ async fn swaps_never_open_more_upstream_connections_than_the_cap() {
         errors.len(),
         errors.first()
     );
-    let conns = &rig
-        .proxy
-        .proxy
-        .orgs
-        .only()
-        .unwrap()
-        .upstream
-        .load()
-        .connections;
+    let conns = &rig.proxy.in_service().unwrap().connections;
     let handshakes = rig._up.handshakes.load(Ordering::SeqCst);
     println!("cap 8, 32 clients, 5 swaps: {ok} ok, peak {} upstream connections, {handshakes} handshakes", conns.peak());
     assert!(

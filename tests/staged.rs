@@ -58,17 +58,7 @@ impl Rig {
     async fn new(days_left: Option<i64>, extra: &[&str]) -> Rig {
         let mut pki = Pki::new();
         if let Some(days) = days_left {
-            let now = OffsetDateTime::now_utc();
-            let c = pki
-                .ca
-                .client_valid(
-                    "1234567-1",
-                    "Testi Oy",
-                    now - time::Duration::days(700),
-                    now + time::Duration::days(days),
-                    rcgen::KeyPair::generate().unwrap(),
-                )
-                .unwrap();
+            let c = client_for_days(&pki.ca, "1234567-1", -700, days);
             std::fs::write(&pki.cert, &c.cert_pem).unwrap();
             std::fs::write(&pki.key, &c.key_pem).unwrap();
             pki.client = c;
@@ -303,18 +293,7 @@ async fn near_expiry_the_staged_identity_goes_into_service_even_while_refused() 
 async fn an_older_or_broken_next_identity_is_left_alone() {
     let rig = Rig::new(None, &[]).await;
     let current = serial_of(&rig.pki.client);
-    let now = OffsetDateTime::now_utc();
-    let older = rig
-        .pki
-        .ca
-        .client_valid(
-            "1234567-1",
-            "Testi Oy",
-            now - time::Duration::days(10),
-            now + time::Duration::days(100),
-            rcgen::KeyPair::generate().unwrap(),
-        )
-        .unwrap();
+    let older = client_for_days(&rig.pki.ca, "1234567-1", -10, 100);
     write_pair(&rig.next_dir, &older);
     let why = rig.wait_phase(Phase::Rejected, "not later than").await;
     assert!(why.contains("left alone"), "{why}");

@@ -494,3 +494,17 @@ impl futures_core::Stream for Stall {
         }
     }
 }
+
+/// A client certificate for business ID `id`, valid from `from` to `to` (days from now, negative
+/// for the past), with a fresh key.
+pub fn client_for_days(ca: &TestPki, id: &str, from: i64, to: i64) -> Pair {
+    let now = time::OffsetDateTime::now_utc();
+    ca.client_valid(
+        id,
+        "Testi Oy",
+        now + time::Duration::days(from),
+        now + time::Duration::days(to),
+        rcgen::KeyPair::generate().unwrap(),
+    )
+    .unwrap()
+}
