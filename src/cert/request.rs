@@ -166,6 +166,13 @@ pub async fn run(args: RequestArgs) -> anyhow::Result<()> {
     let customer = s.customer();
     let hint = s.resume_hint("request");
     let issued = if let Some(rid) = &s.retrieval_id {
+        if s.out.join(certsvc::keys::CERT_FILE).exists() && !s.force {
+            anyhow::bail!(
+                "{} already exists: refusing to overwrite it; choose another --out (with the key \
+                 of the retrieval copied into it) or pass --force",
+                s.out.join(certsvc::keys::CERT_FILE).display()
+            );
+        }
         eprintln!("Asking the certificate service for RetrievalId {rid} ...");
         certsvc::resume(&svc, &customer, rid, &s.out, &hint).await?
     } else {

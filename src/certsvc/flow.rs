@@ -138,8 +138,7 @@ pub async fn request(
     let csr = key.csr(&id, customer.customer_name.as_deref())?;
     let element = xml::sign_new_request(customer, &transfer.id, &transfer.password, &csr)?;
     let key_path = keys::write_key(out, &key)?;
-    let answer = svc.call(Operation::SignNew, &element).await?;
-    let retrieval_id = accepted(answer)?;
+    let retrieval_id = send(svc, Operation::SignNew, &element, &key_path).await?;
     finish(
         svc,
         customer,
@@ -177,8 +176,7 @@ pub async fn renew(
     )
     .map_err(|e| FlowError::NotRenewable(format!("cannot sign the renewal request: {e}")))?;
     let key_path = keys::write_key(out, &key)?;
-    let answer = svc.call(Operation::Renew, &signed).await?;
-    let retrieval_id = accepted(answer)?;
+    let retrieval_id = send(svc, Operation::Renew, &signed, &key_path).await?;
     finish(
         svc,
         customer,
@@ -239,6 +237,25 @@ pub fn renewable(current: &Identity, now: SystemTime) -> Result<(), FlowError> {
         )));
     }
     Ok(())
+}
+
+/// Sends SignNew or Renew. A signed refusal means nothing was accepted: the new key, written
+/// before the call so that no acceptance can happen without it on disk, is removed again so a
+/// retry needs no --force. After any other failure it stays (the service may have accepted).
+async fn send(
+    svc: &Service,
+    op: Operation,
+    element: &str,
+    key_path: &Path,
+) -> Result<String, FlowError> {
+    let result = match svc.call(op, element).await {
+        Ok(answer) => accepted(answer),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(FlowError::Service(ServiceError::Refused(_))) = &result {
+        let _ = std::fs::remove_file(key_path);
+    }
+    result
 }
 
 fn accepted(answer: xml::Answer) -> Result<String, FlowError> {
