@@ -533,3 +533,110 @@ async fn the_stand_in_rejects_missing_bad_and_foreign_renewal_signatures() {
     assert_eq!(status, 500);
     assert!(body.contains("SOAPAction"), "{body}");
 }
+
+/// Runs xmlsec1 with `args`; (success, stderr).
+fn xmlsec1(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("xmlsec1")
+        .args(args)
+        .output()
+        .expect("xmlsec1 is not installed (Debian package xmlsec1)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+#[ignore = "needs xmlsec1"]
+async fn signatures_interoperate_with_xmlsec1() {
+    let lab = Lab::new(0).await;
+    let cur_dir = lab.current("signer", -1, 30);
+    let cur = load_dir(&cur_dir);
+    let root = lab.path("root.pem");
+    std::fs::write(&root, &lab.svc.issuing_ca_pem).unwrap();
+
+    // Ours, checked by xmlsec1 (the request element as its own document, as it was signed).
+    let key = certsvc::keys::NewKey::generate().unwrap();
+    let csr = key.csr(&ID.parse().unwrap(), Some("Testi & Oy")).unwrap();
+    let odd_name = Customer {
+        customer_name: Some("Testi & \"Oy\" <Ab>\r".into()),
+        ..customer()
+    };
+    let unsigned = xml::renew_request_unsigned(&odd_name, &csr).unwrap();
+    let signed = dsig::sign_enveloped(
+        &unsigned,
+        cur.certified_key.key.as_ref(),
+        &cur.certified_key.cert[..1],
+    )
+    .unwrap();
+    std::fs::write(lab.path("ours.xml"), &signed).unwrap();
+    let ours = lab.path("ours.xml");
+    let (ok, err) = xmlsec1(&[
+        "--verify",
+        "--trusted-pem",
+        root.to_str().unwrap(),
+        ours.to_str().unwrap(),
+    ]);
+    assert!(ok, "xmlsec1 refused our signature: {err}");
+    std::fs::write(&ours, signed.replace(">TEST<", ">PRODUCTION<")).unwrap();
+    let (ok, _) = xmlsec1(&[
+        "--verify",
+        "--trusted-pem",
+        root.to_str().unwrap(),
+        ours.to_str().unwrap(),
+    ]);
+    assert!(!ok, "xmlsec1 accepted an altered document");
+
+    // xmlsec1's, checked by us: a response element signed from a template.
+    let template = xml::response_unsigned(Operation::SignNew, Some("abc123"), None, &[]).replace(
+        "</cs:SignNewCertificateResponse>",
+        concat!(
+            r#"<ds:Signature xmlns:ds="http://www.w3.org/2000/09/xmldsig#"><ds:SignedInfo>"#,
+            r#"<ds:CanonicalizationMethod Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"/>"#,
+            r#"<ds:SignatureMethod Algorithm="http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"/>"#,
+            r#"<ds:Reference URI=""><ds:Transforms>"#,
+            r#"<ds:Transform Algorithm="http://www.w3.org/2000/09/xmldsig#enveloped-signature"/>"#,
+            r#"<ds:Transform Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"/></ds:Transforms>"#,
+            r#"<ds:DigestMethod Algorithm="http://www.w3.org/2001/04/xmlenc#sha256"/>"#,
+            r#"<ds:DigestValue/></ds:Reference></ds:SignedInfo><ds:SignatureValue/>"#,
+            r#"<ds:KeyInfo><ds:X509Data><ds:X509Certificate/></ds:X509Data></ds:KeyInfo>"#,
+            r#"</ds:Signature></cs:SignNewCertificateResponse>"#
+        ),
+    );
+    let tpl = lab.path("template.xml");
+    std::fs::write(&tpl, template).unwrap();
+    let keycert = format!(
+        "{},{}",
+        cur_dir.join("key.pem").display(),
+        cur_dir.join("cert.pem").display()
+    );
+    let theirs = lab.path("theirs.xml");
+    let (ok, err) = xmlsec1(&[
+        "--sign",
+        "--privkey-pem",
+        &keycert,
+        "--output",
+        theirs.to_str().unwrap(),
+        tpl.to_str().unwrap(),
+    ]);
+    assert!(ok, "xmlsec1 --sign failed: {err}");
+    let text = std::fs::read_to_string(&theirs).unwrap();
+    let envelope = xml::envelope(
+        text.trim_start_matches(|c| c != '>')
+            .trim_start_matches('>')
+            .trim(),
+    );
+    let doc = Document::parse(&envelope).unwrap();
+    let el = xml::body_element(&doc).unwrap();
+    let ca = CertificateDer::from_pem_slice(lab.svc.issuing_ca_pem.as_bytes()).unwrap();
+    let signer = dsig::verify_enveloped(&doc, el, &[ca], UnixTime::now())
+        .unwrap_or_else(|e| panic!("xmlsec1's signature refused: {e}\n{text}"));
+    assert!(signer.subject.contains(ID));
+    assert_eq!(
+        xml::read_answer(el, Operation::SignNew)
+            .unwrap()
+            .retrieval_id
+            .as_deref(),
+        Some("abc123")
+    );
+}
