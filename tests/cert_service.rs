@@ -11,7 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 use vero_proxy::certsvc::client::ServiceError;
-use vero_proxy::certsvc::dsig::{self, DsigError};
+use vero_proxy::certsvc::dsig::{self, DsigError, SignerTrust};
 use vero_proxy::certsvc::standin::{CertService, Settings};
 use vero_proxy::certsvc::xml::{self, Customer, Operation};
 use vero_proxy::certsvc::{self, FlowError, PollSchedule, Service, Transfer};
@@ -73,7 +73,7 @@ impl Lab {
             Environment::Test,
             Some(&self.svc.url),
             &[tls_ca],
-            vec![signer],
+            SignerTrust::roots(vec![signer]),
             PollSchedule {
                 first: Duration::from_millis(5),
                 max: Duration::from_millis(20),
@@ -243,6 +243,22 @@ async fn password_from_the_environment_and_refusal_shown_verbatim() {
     let (ok, _, stderr) = vero(&a, &[]).await;
     assert!(!ok);
     assert!(stderr.contains("VERO_PROXY_TRANSFER_PASSWORD"), "{stderr}");
+}
+
+#[tokio::test]
+async fn by_default_answers_must_be_signed_under_the_tax_administrations_roots() {
+    let lab = Lab::new(0).await;
+    let mut flags = lab.service_flags("out");
+    let at = flags.iter().position(|f| f == "--service-signer-ca").unwrap();
+    flags.drain(at..at + 2);
+    let a = args(&["cert", "request", "--transfer-id", "T1"], flags);
+    let (ok, _, stderr) = vero(&a, &[("VERO_PROXY_TRANSFER_PASSWORD", "pw1")]).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("answer was rejected") && stderr.contains("not trusted"),
+        "{stderr}"
+    );
+    assert!(!lab.path("out/cert.pem").exists());
 }
 
 #[tokio::test]
@@ -453,7 +469,7 @@ fn answer_of(svc: &CertService, op: Operation, body: &str) -> String {
     let doc = Document::parse(body).unwrap();
     let el = xml::body_element(&doc).unwrap();
     let root = CertificateDer::from_pem_slice(svc.signer_root_pem.as_bytes()).unwrap();
-    dsig::verify_enveloped(&doc, el, &[root], UnixTime::now()).unwrap();
+    dsig::verify_enveloped(&doc, el, &SignerTrust::roots(vec![root]), UnixTime::now()).unwrap();
     xml::read_answer(el, op).unwrap().result.to_string()
 }
 
@@ -629,7 +645,7 @@ async fn signatures_interoperate_with_xmlsec1() {
     let doc = Document::parse(&envelope).unwrap();
     let el = xml::body_element(&doc).unwrap();
     let ca = CertificateDer::from_pem_slice(lab.svc.issuing_ca_pem.as_bytes()).unwrap();
-    let signer = dsig::verify_enveloped(&doc, el, &[ca], UnixTime::now())
+    let signer = dsig::verify_enveloped(&doc, el, &SignerTrust::roots(vec![ca]), UnixTime::now())
         .unwrap_or_else(|e| panic!("xmlsec1's signature refused: {e}\n{text}"));
     assert!(signer.subject.contains(ID));
     assert_eq!(

@@ -9,6 +9,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
+use crate::certsvc::dsig::SignerTrust;
 use crate::certsvc::{self, Customer, Issued, PollSchedule, Service};
 use crate::vero_ca::Environment;
 
@@ -79,8 +80,8 @@ impl ServiceArgs {
             None => Vec::new(),
         };
         let signers = match &self.service_signer_ca {
-            Some(p) => read_pems(p, "--service-signer-ca")?,
-            None => certsvc::trust::service_signers(self.environment),
+            Some(p) => SignerTrust::roots(read_pems(p, "--service-signer-ca")?),
+            None => SignerTrust::embedded(self.environment),
         };
         let poll = PollSchedule {
             deadline: self.retrieval_timeout,

@@ -15,7 +15,7 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::dsig::{self, DsigError};
+use super::dsig::{self, DsigError, SignerTrust};
 use super::xml::{self, Answer, Customer, Operation, ParseError, ServiceResult};
 use crate::vero_ca::Environment;
 
@@ -114,8 +114,8 @@ pub struct Service {
     /// Which environment the requests name.
     pub environment: Environment,
     tls: Arc<ClientConfig>,
-    /// Roots (or issuing CAs) the answers' signing certificates must chain to.
-    pub signer_roots: Vec<CertificateDer<'static>>,
+    /// What the answers' signing certificates must chain to.
+    pub signers: SignerTrust,
     /// GetCertificate polling.
     pub poll: PollSchedule,
 }
@@ -131,12 +131,12 @@ impl std::fmt::Debug for Service {
 
 impl Service {
     /// A client for `url` (or the environment's service), trusting the system roots plus
-    /// `extra_roots` for the server, and `signer_roots` for the answers' signatures.
+    /// `extra_roots` for the server, and `signers` for the answers' signatures.
     pub fn new(
         environment: Environment,
         url: Option<&str>,
         extra_roots: &[CertificateDer<'static>],
-        signer_roots: Vec<CertificateDer<'static>>,
+        signers: SignerTrust,
         poll: PollSchedule,
     ) -> Result<Service, ServiceError> {
         let raw = url.unwrap_or(default_url(environment));
@@ -149,11 +149,9 @@ impl Service {
                  certificate travel over it"
             )));
         }
-        if signer_roots.is_empty() {
+        if signers.roots.is_empty() {
             return Err(ServiceError::Config(
-                "no certificates to check the certificate service's signatures with: this build \
-                 has no embedded Tax Administration chains yet; pass --service-signer-ca PATH"
-                    .into(),
+                "no certificates to check the certificate service's signatures with".into(),
             ));
         }
         let mut roots = RootCertStore::empty();
@@ -184,7 +182,7 @@ impl Service {
             url,
             environment,
             tls: Arc::new(tls),
-            signer_roots,
+            signers,
             poll,
         })
     }
@@ -219,7 +217,7 @@ impl Service {
             Err(e) => return Err(ParseError::NotXml(e.to_string()).into()),
         };
         let el = xml::body_element(&doc)?;
-        dsig::verify_enveloped(&doc, el, &self.signer_roots, UnixTime::now())?;
+        dsig::verify_enveloped(&doc, el, &self.signers, UnixTime::now())?;
         Ok(xml::read_answer(el, op)?)
     }
 

@@ -157,6 +157,34 @@ pub struct Signer {
     pub subject: String,
 }
 
+/// What a signing certificate must chain to: trust anchors, and CAs that may stand between
+/// them and the signer when KeyInfo carries the signer alone.
+#[derive(Debug, Clone, Default)]
+pub struct SignerTrust {
+    /// Trust anchors (roots, or any CA trusted as one).
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Intermediates, not trusted by themselves.
+    pub intermediates: Vec<CertificateDer<'static>>,
+}
+
+impl SignerTrust {
+    /// Trust in these anchors alone.
+    pub fn roots(roots: Vec<CertificateDer<'static>>) -> SignerTrust {
+        SignerTrust {
+            roots,
+            intermediates: Vec::new(),
+        }
+    }
+
+    /// The Tax Administration's embedded chains for the certificate service in `env`.
+    pub fn embedded(env: crate::vero_ca::Environment) -> SignerTrust {
+        SignerTrust {
+            roots: super::trust::service_signers(env),
+            intermediates: super::trust::service_intermediates(env),
+        }
+    }
+}
+
 /// The EKU policy for XML signing certificates: there is no standard purpose for them, so any
 /// (or none) is accepted; the chain to the given roots is what grants trust.
 struct AnyPurpose;
@@ -222,11 +250,12 @@ fn text_b64(n: Node) -> Result<Vec<u8>, DsigError> {
 /// Verifies the enveloped signature that is a direct child of `element`, and returns who made
 /// it. The signature must reference `element` itself (`URI=""`, or `#id` naming `element`), so
 /// the element the caller then reads is the one that was signed. The signing certificate must
-/// chain to one of `trusted` (roots or issuing CAs) at `now`.
+/// chain to one of `trust`'s roots at `now`, through KeyInfo's other certificates or `trust`'s
+/// intermediates.
 pub fn verify_enveloped(
     doc: &Document,
     element: Node,
-    trusted: &[CertificateDer<'_>],
+    trust: &SignerTrust,
     now: UnixTime,
 ) -> Result<Signer, DsigError> {
     let sigs = ds(element, "Signature");
@@ -321,14 +350,20 @@ pub fn verify_enveloped(
         &value,
     )
     .map_err(|_| DsigError::BadSignature)?;
-    let anchors = trusted
+    let anchors = trust
+        .roots
         .iter()
         .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
         .collect::<Vec<_>>();
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .cloned()
+        .chain(trust.intermediates.iter().cloned())
+        .collect();
     ee.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
         &anchors,
-        intermediates,
+        &intermediates,
         now,
         AnyPurpose,
         None,
@@ -392,10 +427,15 @@ mod tests {
 
     const EL: &str = r#"<cs:RenewCertificateRequest xmlns:cs="urn:x"><Environment>TEST</Environment><CustomerId>0245437-2</CustomerId></cs:RenewCertificateRequest>"#;
 
-    fn verify(xml: &str, roots: &[CertificateDer<'_>]) -> Result<Signer, DsigError> {
+    fn verify(xml: &str, roots: &[CertificateDer<'static>]) -> Result<Signer, DsigError> {
         let doc = Document::parse(xml).unwrap();
         let el = crate::certsvc::xml::body_element(&doc).unwrap_or(doc.root_element());
-        verify_enveloped(&doc, el, roots, UnixTime::now())
+        verify_enveloped(
+            &doc,
+            el,
+            &SignerTrust::roots(roots.to_vec()),
+            UnixTime::now(),
+        )
     }
 
     #[test]

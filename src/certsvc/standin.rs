@@ -538,7 +538,7 @@ fn operate(
             let signer = match dsig::verify_enveloped(
                 doc,
                 el,
-                std::slice::from_ref(&inner.issuing.der),
+                &dsig::SignerTrust::roots(vec![inner.issuing.der.clone()]),
                 UnixTime::now(),
             ) {
                 Ok(s) => s,

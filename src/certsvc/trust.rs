@@ -1,17 +1,21 @@
-//! The Tax Administration's chains this module needs, behind one seam: `crate::vero_ca` (being
-//! built on another branch) will provide them; until it lands these stand-ins keep the product
-//! honest (no embedded signer roots: `--service-signer-ca` is required; leaf-only chains).
+//! The Tax Administration's chains this module needs, from [`crate::vero_ca`] (embedded data).
 
 use rustls::pki_types::CertificateDer;
 
-use crate::vero_ca::Environment;
+use crate::vero_ca::{self, Environment};
 
-/// Roots and issuing CAs that the certificate service's response signatures chain to.
-pub fn service_signers(_env: Environment) -> Vec<CertificateDer<'static>> {
-    Vec::new()
+/// The roots the certificate service's response signatures chain to in `env`.
+pub fn service_signers(env: Environment) -> Vec<CertificateDer<'static>> {
+    vero_ca::service_signers(env)
+}
+
+/// The CAs between the service's signing certificate and [`service_signers`] (the service is
+/// not documented to send them in KeyInfo).
+pub fn service_intermediates(env: Environment) -> Vec<CertificateDer<'static>> {
+    vero_ca::service_intermediates(env)
 }
 
 /// The leaf followed by its issuing and intermediate CAs, as `cert.pem` should hold them.
 pub fn complete_chain(leaf: &CertificateDer<'_>) -> Vec<CertificateDer<'static>> {
-    vec![leaf.clone().into_owned()]
+    vero_ca::complete_chain(leaf)
 }
