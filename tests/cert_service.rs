@@ -249,7 +249,10 @@ async fn password_from_the_environment_and_refusal_shown_verbatim() {
 async fn by_default_answers_must_be_signed_under_the_tax_administrations_roots() {
     let lab = Lab::new(0).await;
     let mut flags = lab.service_flags("out");
-    let at = flags.iter().position(|f| f == "--service-signer-ca").unwrap();
+    let at = flags
+        .iter()
+        .position(|f| f == "--service-signer-ca")
+        .unwrap();
     flags.drain(at..at + 2);
     let a = args(&["cert", "request", "--transfer-id", "T1"], flags);
     let (ok, _, stderr) = vero(&a, &[("VERO_PROXY_TRANSFER_PASSWORD", "pw1")]).await;
