@@ -238,6 +238,7 @@ fn exc_from(n: Node) -> Result<C14nAlgorithm, DsigError> {
 fn text_b64(n: Node) -> Result<Vec<u8>, DsigError> {
     let t: String = n
         .children()
+        .filter(|c| c.is_text())
         .filter_map(|c| c.text())
         .flat_map(|t| t.chars())
         .filter(|c| !c.is_ascii_whitespace())

@@ -310,7 +310,13 @@ pub fn text_of(n: Node<'_, '_>) -> Result<String, ParseError> {
             n.tag_name().name()
         )));
     }
-    Ok(n.children().filter_map(|c| c.text()).collect::<String>())
+    // Text nodes only: roxmltree's text() also returns a comment's content, and comments are
+    // not signed (exclusive c14n without comments drops them), so reading one would let an
+    // unsigned comment change a signed value.
+    Ok(n.children()
+        .filter(|c| c.is_text())
+        .filter_map(|c| c.text())
+        .collect::<String>())
 }
 
 /// Reads a response element of `op` (whose signature the caller has already verified).
@@ -559,6 +565,15 @@ mod tests {
         assert!(read_answer(body_element(&doc).unwrap(), Operation::SignNew).is_err());
         let a = read_answer(body_element(&doc).unwrap(), Operation::Renew).unwrap();
         assert_eq!(a.retrieval_id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn comments_do_not_change_values() {
+        let xml = envelope(&response_unsigned(Operation::Renew, Some("ab"), None, &[]))
+            .replace("<RetrievalId>ab", "<RetrievalId><!--evil-->a<!--x-->b");
+        let doc = Document::parse(&xml).unwrap();
+        let a = read_answer(body_element(&doc).unwrap(), Operation::Renew).unwrap();
+        assert_eq!(a.retrieval_id.as_deref(), Some("ab"));
     }
 
     #[test]
