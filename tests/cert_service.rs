@@ -465,6 +465,27 @@ async fn renewal_through_the_library() {
     .unwrap();
     assert_eq!(issued.key_path, out.join("key.pem"));
     load_dir(&out);
+
+    // Another organisation's business ID: refused here, before anything is sent.
+    let sent = lab.svc.received().len();
+    let other = Customer {
+        customer_id: "1572860-0".into(),
+        ..customer()
+    };
+    let out = lab.path("other");
+    certsvc::flow::prepare_out(&out, false).unwrap();
+    let e = certsvc::renew(
+        &lab.client(Duration::from_secs(20)),
+        &other,
+        &current,
+        &out,
+        SystemTime::now(),
+        "-",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, FlowError::NotRenewable(_)), "{e}");
+    assert_eq!(lab.svc.received().len(), sent);
 }
 
 /// Reads the stand-in's answer, checking its signature, and returns its Result text.

@@ -114,13 +114,14 @@ fn check_staging(out: &Path, src: &IdentitySource) -> anyhow::Result<()> {
 /// Runs `cert renew`.
 pub async fn run(args: RenewArgs) -> anyhow::Result<()> {
     let s = &args.service;
-    let src = source(&args)?;
     let svc = s.service()?;
     let customer = s.customer();
     let hint = s.resume_hint("renew");
     let issued = if let Some(rid) = &s.retrieval_id {
+        s.check_resume()?;
         certsvc::resume(&svc, &customer, rid, &s.out, &hint).await?
     } else {
+        let src = source(&args)?;
         let now = SystemTime::now();
         let current = match crate::identity::load(&src, &crate::upstream::tls::provider(), now) {
             Ok(i) => i,

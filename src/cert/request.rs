@@ -105,6 +105,19 @@ impl ServiceArgs {
         }
     }
 
+    /// Before finishing a retrieval into --out: its cert.pem is not overwritten without --force.
+    pub fn check_resume(&self) -> anyhow::Result<()> {
+        let cert = self.out.join(certsvc::keys::CERT_FILE);
+        if cert.exists() && !self.force {
+            anyhow::bail!(
+                "{} already exists: refusing to overwrite it; choose another --out (with the key \
+                 of the retrieval copied into it) or pass --force",
+                cert.display()
+            );
+        }
+        Ok(())
+    }
+
     /// The command line that finishes a retrieval, `{retrieval_id}` left to fill in.
     pub fn resume_hint(&self, command: &str) -> String {
         let mut s = format!(
@@ -167,13 +180,7 @@ pub async fn run(args: RequestArgs) -> anyhow::Result<()> {
     let customer = s.customer();
     let hint = s.resume_hint("request");
     let issued = if let Some(rid) = &s.retrieval_id {
-        if s.out.join(certsvc::keys::CERT_FILE).exists() && !s.force {
-            anyhow::bail!(
-                "{} already exists: refusing to overwrite it; choose another --out (with the key \
-                 of the retrieval copied into it) or pass --force",
-                s.out.join(certsvc::keys::CERT_FILE).display()
-            );
-        }
+        s.check_resume()?;
         eprintln!("Asking the certificate service for RetrievalId {rid} ...");
         certsvc::resume(&svc, &customer, rid, &s.out, &hint).await?
     } else {

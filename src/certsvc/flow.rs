@@ -165,6 +165,18 @@ pub async fn renew(
 ) -> Result<Issued, FlowError> {
     renewable(current, now)?;
     let id = business_id(customer)?;
+    let cn = current
+        .certified_key
+        .cert
+        .first()
+        .and_then(|c| common_name(c));
+    if cn.as_deref() != Some(id.as_str()) {
+        return Err(FlowError::NotRenewable(format!(
+            "the current certificate ({}) is not for --customer-id {id}: the service renews only \
+             a certificate whose CN is the business ID",
+            current.info.who()
+        )));
+    }
     let key = NewKey::generate()?;
     let csr = key.csr(&id, customer.customer_name.as_deref())?;
     let unsigned = xml::renew_request_unsigned(customer, &csr)?;
@@ -256,6 +268,14 @@ async fn send(
         let _ = std::fs::remove_file(key_path);
     }
     result
+}
+
+/// The subject CN of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 fn accepted(answer: xml::Answer) -> Result<String, FlowError> {
