@@ -679,4 +679,38 @@ async fn signatures_interoperate_with_xmlsec1() {
             .as_deref(),
         Some("abc123")
     );
+
+    // Inclusive c14n with only the enveloped transform, as some SOAP stacks sign: checked on
+    // the document xmlsec1 signed (inclusive c14n depends on the namespaces in scope).
+    let inclusive = std::fs::read_to_string(&tpl)
+        .unwrap()
+        .replace(
+            r#"<ds:CanonicalizationMethod Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"/>"#,
+            r#"<ds:CanonicalizationMethod Algorithm="http://www.w3.org/TR/2001/REC-xml-c14n-20010315"/>"#,
+        )
+        .replace(
+            r#"<ds:Transform Algorithm="http://www.w3.org/2001/10/xml-exc-c14n#"/>"#,
+            "",
+        );
+    std::fs::write(&tpl, inclusive).unwrap();
+    let (ok, err) = xmlsec1(&[
+        "--sign",
+        "--privkey-pem",
+        &keycert,
+        "--output",
+        theirs.to_str().unwrap(),
+        tpl.to_str().unwrap(),
+    ]);
+    assert!(ok, "xmlsec1 --sign failed: {err}");
+    let text = std::fs::read_to_string(&theirs).unwrap();
+    assert!(text.contains("REC-xml-c14n-20010315"));
+    let doc = Document::parse(&text).unwrap();
+    let ca = CertificateDer::from_pem_slice(lab.svc.issuing_ca_pem.as_bytes()).unwrap();
+    dsig::verify_enveloped(
+        &doc,
+        doc.root_element(),
+        &SignerTrust::roots(vec![ca]),
+        UnixTime::now(),
+    )
+    .unwrap_or_else(|e| panic!("xmlsec1's inclusive signature refused: {e}\n{text}"));
 }

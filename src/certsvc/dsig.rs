@@ -217,22 +217,28 @@ fn algorithm<'a>(n: Node<'a, '_>) -> &'a str {
     n.attribute("Algorithm").unwrap_or("")
 }
 
-/// The exclusive canonicalization a Transform or CanonicalizationMethod names, with its
-/// InclusiveNamespaces prefix list; anything else is refused.
-fn exc_from(n: Node) -> Result<C14nAlgorithm, DsigError> {
-    if algorithm(n) != EXC_C14N {
-        return Err(DsigError::Unsupported(format!(
-            "canonicalization {:?} (only exclusive canonicalization is accepted)",
-            algorithm(n)
-        )));
+/// Canonical XML 1.0 (inclusive, without comments): accepted in answers, never sent.
+pub const C14N_10: &str = "http://www.w3.org/TR/2001/REC-xml-c14n-20010315";
+
+/// The canonicalization a Transform or CanonicalizationMethod names: exclusive (with its
+/// InclusiveNamespaces prefix list) or inclusive 1.0, both without comments (the service's
+/// exact choice for its answers is not documented); anything else is refused.
+fn c14n_from(n: Node) -> Result<C14nAlgorithm, DsigError> {
+    match algorithm(n) {
+        EXC_C14N => {
+            let prefixes = child_elements(n)
+                .find(|c| c.tag_name().name() == "InclusiveNamespaces")
+                .and_then(|c| c.attribute("PrefixList"));
+            Ok(match prefixes {
+                Some(p) => exc_c14n().with_prefix_list(p),
+                None => exc_c14n(),
+            })
+        }
+        C14N_10 => Ok(C14nAlgorithm::new(C14nMode::Inclusive1_0, false)),
+        other => Err(DsigError::Unsupported(format!(
+            "canonicalization {other:?} (exclusive or inclusive c14n without comments is accepted)"
+        ))),
     }
-    let prefixes = child_elements(n)
-        .find(|c| c.tag_name().name() == "InclusiveNamespaces")
-        .and_then(|c| c.attribute("PrefixList"));
-    Ok(match prefixes {
-        Some(p) => exc_c14n().with_prefix_list(p),
-        None => exc_c14n(),
-    })
 }
 
 fn text_b64(n: Node) -> Result<Vec<u8>, DsigError> {
@@ -266,7 +272,7 @@ pub fn verify_enveloped(
         _ => return Err(DsigError::Unsupported("more than one Signature".into())),
     };
     let signed_info = one(sig, "SignedInfo")?;
-    let si_c14n = exc_from(one(signed_info, "CanonicalizationMethod")?)?;
+    let si_c14n = c14n_from(one(signed_info, "CanonicalizationMethod")?)?;
     if algorithm(one(signed_info, "SignatureMethod")?) != RSA_SHA256 {
         return Err(DsigError::Unsupported(
             "signature method (only RSA-SHA256 is accepted)".into(),
@@ -311,10 +317,13 @@ pub fn verify_enveloped(
         ));
     }
     let ref_c14n = match rest {
-        [c] => exc_from(*c)?,
+        [c] => c14n_from(*c)?,
+        // Without a canonicalization transform the node set becomes octets by inclusive
+        // c14n 1.0 (XML-DSig 4.3.3.2).
+        [] => C14nAlgorithm::new(C14nMode::Inclusive1_0, false),
         _ => {
             return Err(DsigError::Unsupported(
-                "transforms must be enveloped-signature then exclusive canonicalization".into(),
+                "transforms must be enveloped-signature, then at most one canonicalization".into(),
             ))
         }
     };
