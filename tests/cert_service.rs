@@ -10,6 +10,7 @@ use roxmltree::Document;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
+use vero_proxy::certsvc::answer;
 use vero_proxy::certsvc::client::ServiceError;
 use vero_proxy::certsvc::dsig::{self, DsigError, SignerTrust};
 use vero_proxy::certsvc::standin::{CertService, Settings};
@@ -288,6 +289,42 @@ async fn first_retrieval_through_the_library_and_transfer_ids_are_single_use() {
 }
 
 #[tokio::test]
+async fn a_failure_the_stand_in_is_told_to_give_reaches_the_user_verbatim() {
+    let lab = Lab::new(0).await;
+    lab.svc.fail_with(Some(answer::ErrorInfo {
+        code: "E123".into(),
+        message: "Palvelu ei ole käytettävissä & <huolto>".into(),
+    }));
+    let out = lab.path("out");
+    certsvc::flow::prepare_out(&out, false).unwrap();
+    let e = certsvc::request(
+        &lab.client(Duration::from_secs(5)),
+        &customer(),
+        &transfer("T1", "pw1"),
+        &out,
+        "-",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("Status FAIL; E123: Palvelu ei ole käytettävissä & <huolto>"),
+        "{e}"
+    );
+    // Nothing was accepted, so the transfer IDs still work once the service behaves.
+    lab.svc.fail_with(None);
+    certsvc::request(
+        &lab.client(Duration::from_secs(5)),
+        &customer(),
+        &transfer("T1", "pw1"),
+        &out,
+        "-",
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn accepted_then_not_ready_says_the_transfer_ids_are_used_and_resumes() {
     let lab = Lab::new(50).await;
     let out = lab.path("out");
@@ -491,10 +528,10 @@ async fn renewal_through_the_library() {
 /// Reads the stand-in's answer, checking its signature, and returns its Result text.
 fn answer_of(svc: &CertService, op: Operation, body: &str) -> String {
     let doc = Document::parse(body).unwrap();
-    let el = xml::body_element(&doc).unwrap();
+    let el = answer::body_element(&doc).unwrap();
     let root = CertificateDer::from_pem_slice(svc.signer_root_pem.as_bytes()).unwrap();
     dsig::verify_enveloped(&doc, el, &SignerTrust::roots(vec![root]), UnixTime::now()).unwrap();
-    xml::read_answer(el, op).unwrap().result.to_string()
+    answer::read_answer(el, op).unwrap().result.to_string()
 }
 
 #[tokio::test]
@@ -667,13 +704,13 @@ async fn signatures_interoperate_with_xmlsec1() {
             .trim(),
     );
     let doc = Document::parse(&envelope).unwrap();
-    let el = xml::body_element(&doc).unwrap();
+    let el = answer::body_element(&doc).unwrap();
     let ca = CertificateDer::from_pem_slice(lab.svc.issuing_ca_pem.as_bytes()).unwrap();
     let signer = dsig::verify_enveloped(&doc, el, &SignerTrust::roots(vec![ca]), UnixTime::now())
         .unwrap_or_else(|e| panic!("xmlsec1's signature refused: {e}\n{text}"));
     assert!(signer.subject.contains(ID));
     assert_eq!(
-        xml::read_answer(el, Operation::SignNew)
+        answer::read_answer(el, Operation::SignNew)
             .unwrap()
             .retrieval_id
             .as_deref(),

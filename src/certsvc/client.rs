@@ -15,8 +15,9 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::answer::{self, Answer, ParseError, ServiceResult};
 use super::dsig::{self, DsigError, SignerTrust};
-use super::xml::{self, Answer, Customer, Operation, ParseError, ServiceResult};
+use super::xml::{self, Customer, Operation};
 use crate::vero_ca::Environment;
 
 /// The production certificate service.
@@ -216,9 +217,9 @@ impl Service {
             }
             Err(e) => return Err(ParseError::NotXml(e.to_string()).into()),
         };
-        let el = xml::body_element(&doc)?;
+        let el = answer::body_element(&doc)?;
         dsig::verify_enveloped(&doc, el, &self.signers, UnixTime::now())?;
-        Ok(xml::read_answer(el, op)?)
+        Ok(answer::read_answer(el, op)?)
     }
 
     async fn post(&self, op: Operation, envelope: String) -> Result<(u16, String), ServiceError> {

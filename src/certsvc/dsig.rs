@@ -10,7 +10,7 @@ use rustls::sign::SigningKey;
 use rustls::SignatureScheme;
 use xml_sec::c14n::{canonicalize, C14nAlgorithm, C14nMode};
 
-use super::xml::child_elements;
+use super::answer::child_elements;
 
 /// The XML-DSig namespace.
 pub const DS_NS: &str = "http://www.w3.org/2000/09/xmldsig#";
@@ -439,7 +439,7 @@ mod tests {
 
     fn verify(xml: &str, roots: &[CertificateDer<'static>]) -> Result<Signer, DsigError> {
         let doc = Document::parse(xml).unwrap();
-        let el = crate::certsvc::xml::body_element(&doc).unwrap_or(doc.root_element());
+        let el = crate::certsvc::answer::body_element(&doc).unwrap_or(doc.root_element());
         verify_enveloped(
             &doc,
             el,

@@ -278,13 +278,13 @@ fn common_name(der: &[u8]) -> Option<String> {
     cn.as_str().ok().map(str::to_string)
 }
 
-fn accepted(answer: xml::Answer) -> Result<String, FlowError> {
+fn accepted(answer: super::answer::Answer) -> Result<String, FlowError> {
     if !answer.result.ok {
         return Err(ServiceError::Refused(answer.result).into());
     }
     match answer.retrieval_id {
         Some(id) if !id.is_empty() => Ok(id),
-        _ => Err(ServiceError::Parse(xml::ParseError::Shape(
+        _ => Err(ServiceError::Parse(super::answer::ParseError::Shape(
             "Status OK but no RetrievalId".into(),
         ))
         .into()),

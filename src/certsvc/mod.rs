@@ -5,6 +5,7 @@
 //! retrieval with transfer IDs), [`renew`] (signed with the identity in service) and
 //! [`resume`] (finish a retrieval the service already accepted).
 
+pub mod answer;
 pub mod business_id;
 pub mod client;
 pub mod dsig;

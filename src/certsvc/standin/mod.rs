@@ -20,9 +20,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use time::{Duration, OffsetDateTime};
 
+use super::answer::{self, ErrorInfo};
 use super::dsig;
 use super::keys::NewKey;
-use super::xml::{self, ErrorInfo, Operation, NS};
+use super::xml::{self, Operation, NS};
 use crate::demo::pki::Pair;
 use crate::demo::standin::{self as server, full, Handler, StandIn, StandInBody};
 use ca::{Ca, Signer};
@@ -251,7 +252,7 @@ fn respond(
 ) -> (StatusCode, String) {
     let action = soap_action.trim().trim_matches('"').to_string();
     let operation = Document::parse(body).ok().and_then(|d| {
-        xml::body_element(&d)
+        answer::body_element(&d)
             .ok()
             .filter(|e| e.tag_name().namespace() == Some(NS))
             .and_then(|e| Operation::from_request_element(e.tag_name().name()))
@@ -272,7 +273,7 @@ fn respond(
         Ok(d) => d,
         Err(e) => return client_fault(format!("not XML: {e}")),
     };
-    let el = match xml::body_element(&doc) {
+    let el = match answer::body_element(&doc) {
         Ok(e) => e,
         Err(e) => return client_fault(e.to_string()),
     };

@@ -9,8 +9,9 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use time::{Duration, OffsetDateTime};
 
 use super::{Inner, Received, Settings};
+use crate::certsvc::answer::{child_elements, text_of, ErrorInfo};
 use crate::certsvc::dsig;
-use crate::certsvc::xml::{child_elements, text_of, ErrorInfo, Operation};
+use crate::certsvc::xml::Operation;
 
 pub(super) struct Pending {
     pub(super) csr: Vec<u8>,
