@@ -196,6 +196,17 @@ async fn first_retrieval_through_the_binary() {
         "{}",
         id.info.subject
     );
+    let check = args(
+        &["check", "--upstream", "test", "--identity-dir"],
+        vec![lab.path("out").to_str().unwrap().into()],
+    );
+    // What the proxy itself says of the new directory.
+    let (ok, stdout, stderr) = vero(&check, &[]).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("the key matches the certificate"),
+        "{stdout}"
+    );
 
     let got = lab.svc.received();
     let ops: Vec<_> = got
