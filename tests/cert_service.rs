@@ -395,11 +395,15 @@ async fn tampered_and_untrusted_answers_are_rejected() {
     assert!(
         matches!(
             e,
-            FlowError::Service(ServiceError::Signature(DsigError::DigestMismatch))
+            FlowError::Unconfirmed {
+                source: ServiceError::Signature(DsigError::DigestMismatch),
+                ..
+            }
         ),
         "{e}"
     );
     assert!(!out.join("cert.pem").exists());
+    assert!(e.to_string().contains("--force"), "{e}");
 
     lab.svc.tamper_answers(false);
     lab.svc.sign_untrusted(true);
@@ -411,7 +415,10 @@ async fn tampered_and_untrusted_answers_are_rejected() {
     assert!(
         matches!(
             e,
-            FlowError::Service(ServiceError::Signature(DsigError::Untrusted { .. }))
+            FlowError::Unconfirmed {
+                source: ServiceError::Signature(DsigError::Untrusted { .. }),
+                ..
+            }
         ),
         "{e}"
     );

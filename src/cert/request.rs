@@ -141,7 +141,11 @@ pub struct RequestArgs {
     pub service: ServiceArgs,
 
     /// The one-time transfer ID from the Tax Administration's email.
-    #[arg(long, required_unless_present = "retrieval_id")]
+    #[arg(
+        long,
+        required_unless_present = "retrieval_id",
+        conflicts_with = "retrieval_id"
+    )]
     pub transfer_id: Option<String>,
 
     /// File whose first line is the one-time transfer password. Without it the password comes

@@ -77,6 +77,19 @@ pub enum FlowError {
         /// What failed.
         source: Box<FlowError>,
     },
+    /// The request may have reached the service, but no trusted answer came back.
+    #[error(
+        "{source}\nNo trusted answer came back, so it is not known whether the certificate service \
+         accepted the request (if it did, one-time transfer IDs are used up). The new key stays in \
+         {}; to try again, pass --force to replace it.",
+        key_path.display()
+    )]
+    Unconfirmed {
+        /// Where the new key is.
+        key_path: PathBuf,
+        /// What failed.
+        source: ServiceError,
+    },
     /// The returned certificate is not for the new key.
     #[error("the certificate the service returned is not for the new key in {0}")]
     WrongKey(PathBuf),
@@ -264,10 +277,17 @@ async fn send(
         Ok(answer) => accepted(answer),
         Err(e) => Err(e.into()),
     };
-    if let Err(FlowError::Service(ServiceError::Refused(_))) = &result {
-        let _ = std::fs::remove_file(key_path);
+    match result {
+        Err(FlowError::Service(e @ ServiceError::Refused(_))) => {
+            let _ = std::fs::remove_file(key_path);
+            Err(e.into())
+        }
+        Err(FlowError::Service(e)) => Err(FlowError::Unconfirmed {
+            key_path: key_path.to_path_buf(),
+            source: e,
+        }),
+        other => other,
     }
-    result
 }
 
 /// The subject CN of a DER certificate.
