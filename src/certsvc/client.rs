@@ -97,6 +97,15 @@ pub struct PollSchedule {
     pub deadline: Duration,
 }
 
+impl PollSchedule {
+    /// The waits between tries: `first`, doubling, capped at `max` (the deadline is the
+    /// caller's to apply).
+    pub fn waits(&self) -> impl Iterator<Item = Duration> {
+        let max = self.max;
+        std::iter::successors(Some(self.first.min(max)), move |w| Some((*w * 2).min(max)))
+    }
+}
+
 impl Default for PollSchedule {
     fn default() -> Self {
         PollSchedule {
@@ -280,7 +289,7 @@ impl Service {
         let element = xml::get_request(customer, retrieval_id)
             .map_err(|e| ServiceError::Config(e.to_string()))?;
         let start = Instant::now();
-        let mut wait = self.poll.first;
+        let mut waits = self.poll.waits();
         let mut last = None;
         loop {
             match self.call(Operation::Get, &element).await {
@@ -297,11 +306,48 @@ impl Service {
                 Err(e) => tracing::warn!(error = %e, "GetCertificate failed; trying again"),
             }
             let waited = start.elapsed();
+            let wait = waits.next().unwrap_or(self.poll.max);
             if waited + wait > self.poll.deadline {
                 return Err(ServiceError::NotReady { waited, last });
             }
             tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(self.poll.max);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_after_one_second_doubling_up_to_thirty() {
+        let secs: Vec<u64> = PollSchedule::default()
+            .waits()
+            .take(8)
+            .map(|d| d.as_secs())
+            .collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(PollSchedule::default().deadline, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn only_https_urls_and_the_default_ones() {
+        let roots = SignerTrust::roots(vec![CertificateDer::from(vec![1, 2, 3])]);
+        let plain = Service::new(
+            Environment::Test,
+            Some("http://127.0.0.1:1/x"),
+            &[],
+            roots.clone(),
+            PollSchedule::default(),
+        );
+        assert!(matches!(plain, Err(ServiceError::Config(m)) if m.contains("https://")));
+        assert_eq!(
+            default_url(Environment::Production),
+            "https://pkiws.vero.fi/2017/10/CertificateServices"
+        );
+        assert_eq!(
+            default_url(Environment::Test),
+            "https://pkiws-testi.vero.fi/2017/10/CertificateServices"
+        );
     }
 }
