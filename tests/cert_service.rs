@@ -506,6 +506,8 @@ async fn renewal_through_the_library() {
     let lab = Lab::new(2).await;
     let cur = lab.current("current", -700, 10);
     let current = load_dir(&cur);
+    let from_cert = certsvc::customer_of(Environment::Test, &current, None).unwrap();
+    assert_eq!(from_cert.customer_id, ID);
     let out = lab.path("next");
     certsvc::flow::prepare_out(&out, false).unwrap();
     let issued = certsvc::renew(

@@ -239,6 +239,32 @@ pub async fn resume(
     .await
 }
 
+/// The customer fields for renewing `current` in `environment`: `CustomerId` is the
+/// certificate's CN (the business ID), as the automatic renewal in a running proxy needs.
+pub fn customer_of(
+    environment: crate::vero_ca::Environment,
+    current: &Identity,
+    customer_name: Option<String>,
+) -> Result<Customer, FlowError> {
+    let cn = current
+        .certified_key
+        .cert
+        .first()
+        .and_then(|c| common_name(c))
+        .ok_or_else(|| {
+            FlowError::NotRenewable(format!(
+                "the current certificate ({}) has no CN to use as the business ID",
+                current.info.who()
+            ))
+        })?;
+    let id: BusinessId = cn.parse()?;
+    Ok(Customer {
+        environment,
+        customer_id: id.to_string(),
+        customer_name,
+    })
+}
+
 /// Whether `current` may be renewed at `now`; the refusal says why and when.
 pub fn renewable(current: &Identity, now: SystemTime) -> Result<(), FlowError> {
     let t = unix(now);

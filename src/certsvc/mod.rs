@@ -17,5 +17,7 @@ pub mod xml;
 
 pub use business_id::BusinessId;
 pub use client::{PollSchedule, Service, ServiceError};
-pub use flow::{renew, renewable, request, resume, FlowError, Issued, Transfer};
+pub use flow::{
+    customer_of, prepare_out, renew, renewable, request, resume, FlowError, Issued, Transfer,
+};
 pub use xml::Customer;
