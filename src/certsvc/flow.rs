@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use rustls::pki_types::CertificateDer;
 
-use super::business_id::{BusinessId, BusinessIdError};
+use crate::business_id::{BusinessId, BusinessIdError};
 use super::client::{Service, ServiceError};
 use super::keys::{self, KeyError, NewKey, CERT_FILE, KEY_FILE};
 use super::xml::{self, Customer, FieldError, Operation};

@@ -10,7 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use zeroize::Zeroizing;
 
-use super::business_id::BusinessId;
+use crate::business_id::BusinessId;
 
 /// The only key size the certificate service accepts.
 pub const RSA_BITS: usize = 2048;

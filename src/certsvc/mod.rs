@@ -6,7 +6,6 @@
 //! [`resume`] (finish a retrieval the service already accepted).
 
 pub mod answer;
-pub mod business_id;
 pub mod client;
 pub mod dsig;
 pub mod flow;
@@ -15,7 +14,7 @@ pub mod standin;
 pub mod trust;
 pub mod xml;
 
-pub use business_id::BusinessId;
+pub use crate::business_id::BusinessId;
 pub use client::{PollSchedule, Service, ServiceError};
 pub use flow::{
     customer_of, prepare_out, renew, renewable, request, resume, FlowError, Issued, Transfer,
