@@ -538,12 +538,43 @@ fn group_id(group: &str) -> Result<u32, ConfigError> {
     }
 }
 
-/// Which of --cert, --identity-dir and --pkcs12 was given, with what goes with it.
+/// The flags that name one identity: `run`, `check` and `cert renew` share them.
+#[derive(Default)]
+pub struct IdentityFlags<'a> {
+    /// `--cert`.
+    pub cert: Option<&'a PathBuf>,
+    /// `--key`.
+    pub key: Option<&'a PathBuf>,
+    /// `--identity-dir`.
+    pub identity_dir: Option<&'a PathBuf>,
+    /// `--pkcs12`.
+    pub pkcs12: Option<&'a PathBuf>,
+    /// `--pkcs12-password-file`.
+    pub pkcs12_password_file: Option<&'a PathBuf>,
+    /// `--key-password-file`.
+    pub key_password_file: Option<&'a PathBuf>,
+    /// `VERO_PROXY_PKCS12_PASSWORD`.
+    pub pkcs12_password_env: Option<&'a zeroize::Zeroizing<String>>,
+}
+
 fn identity_source(args: &RunArgs) -> Result<IdentitySource, ConfigError> {
+    identity_source_of(&IdentityFlags {
+        cert: args.cert.as_ref(),
+        key: args.key.as_ref(),
+        identity_dir: args.identity_dir.as_ref(),
+        pkcs12: args.pkcs12.as_ref(),
+        pkcs12_password_file: args.pkcs12_password_file.as_ref(),
+        key_password_file: args.key_password_file.as_ref(),
+        pkcs12_password_env: args.pkcs12_password_env.as_ref(),
+    })
+}
+
+/// Which of --cert, --identity-dir and --pkcs12 was given, with what goes with it.
+pub fn identity_source_of(f: &IdentityFlags<'_>) -> Result<IdentitySource, ConfigError> {
     let given = [
-        args.cert.is_some(),
-        args.identity_dir.is_some(),
-        args.pkcs12.is_some(),
+        f.cert.is_some(),
+        f.identity_dir.is_some(),
+        f.pkcs12.is_some(),
     ];
     match given.iter().filter(|g| **g).count() {
         0 => {
@@ -553,28 +584,28 @@ fn identity_source(args: &RunArgs) -> Result<IdentitySource, ConfigError> {
         1 => {}
         _ => return Err(bad("give only one of --cert, --identity-dir and --pkcs12")),
     }
-    if args.key.is_some() && args.cert.is_none() {
+    if f.key.is_some() && f.cert.is_none() {
         return Err(bad("--key goes with --cert"));
     }
-    if let Some(cert) = &args.cert {
+    if let Some(cert) = f.cert {
         return Ok(IdentitySource::Pem {
             cert: cert.clone(),
-            key: args.key.clone(),
-            key_password: args.key_password_file.clone(),
+            key: f.key.cloned(),
+            key_password: f.key_password_file.cloned(),
         });
     }
-    if let Some(dir) = &args.identity_dir {
+    if let Some(dir) = f.identity_dir {
         return Ok(IdentitySource::Dir {
             dir: dir.clone(),
-            key_password: args.key_password_file.clone(),
+            key_password: f.key_password_file.cloned(),
         });
     }
-    let path = args.pkcs12.clone().unwrap_or_default();
-    if args.key_password_file.is_some() {
+    let path = f.pkcs12.cloned().unwrap_or_default();
+    if f.key_password_file.is_some() {
         return Err(bad("--key-password-file is for encrypted PEM keys; a PKCS#12 file takes --pkcs12-password-file"));
     }
-    let password = match (&args.pkcs12_password_file, &args.pkcs12_password_env) {
-        (Some(f), _) => Password::File(f.clone()),
+    let password = match (f.pkcs12_password_file, f.pkcs12_password_env) {
+        (Some(file), _) => Password::File(file.clone()),
         (None, Some(env)) => Password::Env(env.clone()),
         (None, None) => {
             return Err(bad(format!(

@@ -771,3 +771,92 @@ async fn signatures_interoperate_with_xmlsec1() {
     )
     .unwrap_or_else(|e| panic!("xmlsec1's inclusive signature refused: {e}\n{text}"));
 }
+
+#[tokio::test]
+async fn renewal_per_organisation_into_its_next_directory_and_if_due_for_a_daily_job() {
+    let lab = Lab::new(0).await;
+    let service_only = |flags: Vec<String>| -> Vec<String> {
+        // The service flags without --customer-id and --out (both come from the organisation).
+        let mut out = Vec::new();
+        let mut it = flags.into_iter();
+        while let Some(f) = it.next() {
+            if f == "--customer-id" || f == "--out" {
+                it.next();
+            } else {
+                out.push(f);
+            }
+        }
+        out
+    };
+    // Far from expiry: --if-due does nothing and sends nothing.
+    let early = lab.current("early", -10, 200);
+    let a = args(
+        &[
+            "cert",
+            "renew",
+            "--if-due",
+            "--identity-dir",
+            early.to_str().unwrap(),
+        ],
+        lab.service_flags("early-next"),
+    );
+    let (ok, stdout, stderr) = vero(&a, &[]).await;
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("nothing to do yet"), "{stdout}");
+    assert!(lab.svc.received().is_empty());
+
+    // One organisation of an --identities-dir, 30 days left: renewed into ID/next/.
+    let root = lab.path("identities");
+    let cur = lab.current(&format!("identities/{ID}"), -700, 30);
+    let renew = |extra: &[&str]| {
+        let mut first = vec![
+            "cert",
+            "renew",
+            "--identities-dir",
+            root.to_str().unwrap(),
+            "--organisation",
+            ID,
+        ];
+        first.extend_from_slice(extra);
+        args(&first, service_only(lab.service_flags("unused")))
+    };
+    let (ok, stdout, stderr) = vero(&renew(&["--if-due"]), &[]).await;
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    let next = load_dir(&cur.join("next"));
+    assert!(next.info.not_after > load_dir(&cur).info.not_after);
+    let calls = lab.svc.received().len();
+    assert_eq!(lab.svc.received()[0].soap_action, "renewCertificate");
+
+    // The next day's job finds it staged and does nothing.
+    let (ok, stdout, _) = vero(&renew(&["--if-due"]), &[]).await;
+    assert!(ok);
+    assert!(stdout.contains("already staged"), "{stdout}");
+    assert_eq!(lab.svc.received().len(), calls);
+
+    // Mistakes are named.
+    let (ok, _, stderr) = vero(
+        &args(
+            &["cert", "renew", "--identities-dir", root.to_str().unwrap()],
+            service_only(lab.service_flags("x")),
+        ),
+        &[],
+    )
+    .await;
+    assert!(!ok && stderr.contains("--organisation"), "{stderr}");
+    let (ok, _, stderr) = vero(
+        &args(
+            &[
+                "cert",
+                "renew",
+                "--identities-dir",
+                root.to_str().unwrap(),
+                "--organisation",
+                "1000000-4",
+            ],
+            service_only(lab.service_flags("x")),
+        ),
+        &[],
+    )
+    .await;
+    assert!(!ok && stderr.contains("1000000-4"), "{stderr}");
+}

@@ -7,8 +7,10 @@ use std::time::SystemTime;
 use clap::Args;
 
 use super::request::{print_done, ServiceArgs};
+use crate::business_id::BusinessId;
 use crate::certsvc;
-use crate::identity::{IdentityError, IdentitySource, Password};
+use crate::config::IdentityFlags;
+use crate::identity::{rfc3339, unix, Identity, IdentityError, IdentitySource, Password};
 
 /// Flags of `vero-proxy cert renew`.
 #[derive(Debug, Clone, Args)]
@@ -41,51 +43,90 @@ pub struct RenewArgs {
     /// File whose first line is the password of an encrypted PKCS#8 key.
     #[arg(long, env = "VERO_PROXY_KEY_PASSWORD_FILE")]
     pub key_password_file: Option<PathBuf>,
+
+    /// Many organisations (as for `run`): the directory whose subdirectory --organisation holds
+    /// the current identity; --out defaults to that subdirectory's next/, where `run` looks for
+    /// its staged identity.
+    #[arg(long, env = "VERO_PROXY_IDENTITIES_DIR")]
+    pub identities_dir: Option<PathBuf>,
+
+    /// With --identities-dir: whose certificate to renew (business ID).
+    #[arg(long)]
+    pub organisation: Option<BusinessId>,
+
+    /// Exit 0 without contacting the service when nothing is due: the renewal window (60 days
+    /// before expiry) is not open yet, or a renewed pair is already staged in --out. For a daily
+    /// job. An expired certificate still fails.
+    #[arg(long)]
+    pub if_due: bool,
 }
 
-/// The current identity's source, with the same rules `run` applies.
-// config.rs has the same mapping for RunArgs, private there; a shared flag struct would let
-// both use one function.
-fn source(a: &RenewArgs) -> anyhow::Result<IdentitySource> {
-    let given = [
-        a.cert.is_some(),
-        a.identity_dir.is_some(),
-        a.pkcs12.is_some(),
-    ];
-    match given.iter().filter(|g| **g).count() {
-        0 => anyhow::bail!(
-            "the current certificate is required to sign the renewal: --cert PATH (with --key \
-             PATH), --identity-dir DIR or --pkcs12 PATH"
-        ),
-        1 => {}
-        _ => anyhow::bail!("give only one of --cert, --identity-dir and --pkcs12"),
+/// The current identity's source, with the same rules `run` applies; with --identities-dir,
+/// the organisation's directory (and --out, --customer-id defaulting from it).
+fn source(a: &RenewArgs, s: &mut ServiceArgs) -> anyhow::Result<IdentitySource> {
+    let env_password = std::env::var("VERO_PROXY_PKCS12_PASSWORD")
+        .ok()
+        .map(zeroize::Zeroizing::new);
+    if let Some(root) = &a.identities_dir {
+        if a.cert.is_some() || a.identity_dir.is_some() || a.pkcs12.is_some() {
+            anyhow::bail!("--identities-dir names the identity with --organisation; leave out --cert, --identity-dir and --pkcs12");
+        }
+        let org = a.organisation.ok_or_else(|| {
+            anyhow::anyhow!("--identities-dir needs --organisation ID: whose certificate to renew")
+        })?;
+        let dir = root.join(org.as_str());
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "{} does not exist: no identity of {org} in --identities-dir",
+                dir.display()
+            );
+        }
+        s.out.get_or_insert_with(|| dir.join("next"));
+        s.customer_id.get_or_insert_with(|| org.to_string());
+        return Ok(crate::orgs::source_in(
+            &dir,
+            env_password.map(Password::Env).as_ref(),
+        ));
     }
-    if a.key.is_some() && a.cert.is_none() {
-        anyhow::bail!("--key goes with --cert");
+    if a.organisation.is_some() {
+        anyhow::bail!("--organisation goes with --identities-dir");
     }
-    if let Some(cert) = &a.cert {
-        return Ok(IdentitySource::Pem {
-            cert: cert.clone(),
-            key: a.key.clone(),
-            key_password: a.key_password_file.clone(),
-        });
-    }
-    if let Some(dir) = &a.identity_dir {
-        return Ok(IdentitySource::Dir {
-            dir: dir.clone(),
-            key_password: a.key_password_file.clone(),
-        });
-    }
-    let path = a.pkcs12.clone().unwrap_or_default();
-    let password = match (&a.pkcs12_password_file, std::env::var("VERO_PROXY_PKCS12_PASSWORD")) {
-        (Some(f), _) => Password::File(f.clone()),
-        (None, Ok(v)) => Password::Env(zeroize::Zeroizing::new(v)),
-        (None, Err(_)) => anyhow::bail!(
-            "--pkcs12 {} needs its password: --pkcs12-password-file PATH or VERO_PROXY_PKCS12_PASSWORD",
-            path.display()
-        ),
+    Ok(crate::config::identity_source_of(&IdentityFlags {
+        cert: a.cert.as_ref(),
+        key: a.key.as_ref(),
+        identity_dir: a.identity_dir.as_ref(),
+        pkcs12: a.pkcs12.as_ref(),
+        pkcs12_password_file: a.pkcs12_password_file.as_ref(),
+        key_password_file: a.key_password_file.as_ref(),
+        pkcs12_password_env: env_password.as_ref(),
+    })?)
+}
+
+/// With --if-due: Some(reason) when there is nothing to do today.
+fn not_due(current: &Identity, out: &Path, now: SystemTime) -> Option<String> {
+    // A renewed pair already staged in --out (a later notAfter, loading cleanly).
+    let staged = IdentitySource::Dir {
+        dir: out.to_path_buf(),
+        key_password: None,
     };
-    Ok(IdentitySource::Pkcs12 { path, password })
+    if let Ok(next) = crate::identity::load(&staged, &crate::upstream::tls::provider(), now) {
+        if next.info.not_after > current.info.not_after {
+            return Some(format!(
+                "a renewed certificate is already staged in {} (valid until {}); nothing to do",
+                out.display(),
+                rfc3339(next.info.not_after)
+            ));
+        }
+    }
+    let opens = current.info.not_after - certsvc::flow::RENEWAL_WINDOW_DAYS * 86_400;
+    (unix(now) < opens).then(|| {
+        format!(
+            "{} is valid until {}; renewal is due from {} (--if-due: nothing to do yet)",
+            current.info.who(),
+            rfc3339(current.info.not_after),
+            rfc3339(opens)
+        )
+    })
 }
 
 /// Refuses an --out that is where the identity in service lives.
@@ -113,15 +154,22 @@ fn check_staging(out: &Path, src: &IdentitySource) -> anyhow::Result<()> {
 
 /// Runs `cert renew`.
 pub async fn run(args: RenewArgs) -> anyhow::Result<()> {
-    let s = &args.service;
+    let mut s = args.service.clone();
+    let src =
+        if s.retrieval_id.is_some() && s.customer_id.is_some() && args.identities_dir.is_none() {
+            None
+        } else {
+            Some(source(&args, &mut s)?)
+        };
+    let s = &s;
+    let out = s.out()?.to_path_buf();
     let svc = s.service()?;
-    let customer = s.customer();
-    let hint = s.resume_hint("renew");
     let issued = if let Some(rid) = &s.retrieval_id {
         s.check_resume()?;
-        certsvc::resume(&svc, &customer, rid, &s.out, &hint).await?
+        let customer = s.customer()?;
+        certsvc::resume(&svc, &customer, rid, &out, &s.resume_hint("renew")).await?
     } else {
-        let src = source(&args)?;
+        let src = src.ok_or_else(|| anyhow::anyhow!("the current identity is required"))?;
         let now = SystemTime::now();
         let current = match crate::identity::load(&src, &crate::upstream::tls::provider(), now) {
             Ok(i) => i,
@@ -132,11 +180,31 @@ pub async fn run(args: RenewArgs) -> anyhow::Result<()> {
             ),
             Err(e) => return Err(e.into()),
         };
+        if args.if_due {
+            if let Some(why) = not_due(&current, &out, now) {
+                println!("{why}");
+                return Ok(());
+            }
+        }
         certsvc::renewable(&current, now)?;
-        check_staging(&s.out, &src)?;
-        certsvc::flow::prepare_out(&s.out, s.force)?;
+        check_staging(&out, &src)?;
+        let customer = match &s.customer_id {
+            Some(_) => s.customer()?,
+            None => certsvc::customer_of(s.environment, &current, s.customer_name.clone())?,
+        };
+        let mut s = s.clone();
+        s.customer_id = Some(customer.customer_id.clone());
+        certsvc::flow::prepare_out(&out, s.force)?;
         eprintln!("Renewing {} through {} ...", current.info.who(), svc.url);
-        certsvc::renew(&svc, &customer, &current, &s.out, now, &hint).await?
+        certsvc::renew(
+            &svc,
+            &customer,
+            &current,
+            &out,
+            now,
+            &s.resume_hint("renew"),
+        )
+        .await?
     };
     print_done(&issued, s.environment, "renew");
     println!(

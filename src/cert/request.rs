@@ -20,17 +20,19 @@ pub struct ServiceArgs {
     #[arg(long, value_enum)]
     pub environment: Environment,
 
-    /// The organisation's business ID (Y-tunnus), e.g. 1234567-1.
+    /// The organisation's business ID (Y-tunnus), e.g. 1234567-1. For `renew`, by default the
+    /// one in the current certificate's CN (or --organisation).
     #[arg(long)]
-    pub customer_id: String,
+    pub customer_id: Option<String>,
 
     /// The organisation's name (optional; goes into the request and the CSR's O).
     #[arg(long)]
     pub customer_name: Option<String>,
 
-    /// Directory for the new cert.pem and key.pem (created with mode 0700 if missing).
+    /// Directory for the new cert.pem and key.pem (created with mode 0700 if missing). For
+    /// `renew --identities-dir DIR --organisation ID`, by default DIR/ID/next.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
 
     /// Replace cert.pem and key.pem already in --out. Without it the command refuses: such a
     /// key may belong to a retrieval still to be finished with --retrieval-id.
@@ -97,17 +99,29 @@ impl ServiceArgs {
     }
 
     /// The customer fields of every request.
-    pub fn customer(&self) -> Customer {
-        Customer {
+    pub fn customer(&self) -> anyhow::Result<Customer> {
+        let id = self.customer_id.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--customer-id is required: the organisation's business ID, such as 1234567-1"
+            )
+        })?;
+        Ok(Customer {
             environment: self.environment,
-            customer_id: self.customer_id.trim().to_string(),
+            customer_id: id.trim().to_string(),
             customer_name: self.customer_name.clone(),
-        }
+        })
+    }
+
+    /// The output directory.
+    pub fn out(&self) -> anyhow::Result<&Path> {
+        self.out.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("--out DIR is required: where the new cert.pem and key.pem go")
+        })
     }
 
     /// Before finishing a retrieval into --out: its cert.pem is not overwritten without --force.
     pub fn check_resume(&self) -> anyhow::Result<()> {
-        let cert = self.out.join(certsvc::keys::CERT_FILE);
+        let cert = self.out()?.join(certsvc::keys::CERT_FILE);
         if cert.exists() && !self.force {
             anyhow::bail!(
                 "{} already exists: refusing to overwrite it; choose another --out (with the key \
@@ -123,8 +137,8 @@ impl ServiceArgs {
         let mut s = format!(
             "vero-proxy cert {command} --environment {} --customer-id {} --out {} --retrieval-id {{retrieval_id}}",
             self.environment,
-            self.customer_id,
-            self.out.display()
+            self.customer_id.as_deref().unwrap_or("ID"),
+            self.out.as_deref().map(|o| o.display().to_string()).unwrap_or_else(|| "DIR".into())
         );
         if let Some(u) = &self.service_url {
             s.push_str(&format!(" --service-url {u}"));
@@ -180,24 +194,25 @@ fn transfer_password(args: &RequestArgs) -> anyhow::Result<Zeroizing<String>> {
 /// Runs `cert request`.
 pub async fn run(args: RequestArgs) -> anyhow::Result<()> {
     let s = &args.service;
+    let customer = s.customer()?;
+    let out = s.out()?;
     let svc = s.service()?;
-    let customer = s.customer();
     let hint = s.resume_hint("request");
     let issued = if let Some(rid) = &s.retrieval_id {
         s.check_resume()?;
         eprintln!("Asking the certificate service for RetrievalId {rid} ...");
-        certsvc::resume(&svc, &customer, rid, &s.out, &hint).await?
+        certsvc::resume(&svc, &customer, rid, out, &hint).await?
     } else {
         let transfer = certsvc::Transfer {
             id: args.transfer_id.clone().unwrap_or_default(),
             password: transfer_password(&args)?,
         };
-        certsvc::flow::prepare_out(&s.out, s.force)?;
+        certsvc::flow::prepare_out(out, s.force)?;
         eprintln!(
             "Generating an RSA 2048 key and sending the request to {} ...",
             svc.url
         );
-        certsvc::request(&svc, &customer, &transfer, &s.out, &hint).await?
+        certsvc::request(&svc, &customer, &transfer, out, &hint).await?
     };
     print_done(&issued, s.environment, "request");
     Ok(())

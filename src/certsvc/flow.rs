@@ -7,10 +7,10 @@ use std::time::SystemTime;
 
 use rustls::pki_types::CertificateDer;
 
-use crate::business_id::{BusinessId, BusinessIdError};
 use super::client::{Service, ServiceError};
 use super::keys::{self, KeyError, NewKey, CERT_FILE, KEY_FILE};
 use super::xml::{self, Customer, FieldError, Operation};
+use crate::business_id::{BusinessId, BusinessIdError};
 use crate::identity::{rfc3339, unix, Identity};
 
 /// Renewal is accepted from this many days before the current certificate's notAfter.
