@@ -148,6 +148,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         target: cfg.upstream.clone(),
         connect_timeout: cfg.connect_timeout,
         stop: background.clone(),
+        metrics: metrics.clone(),
     };
     let parts = OrgParts {
         factory,

@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::body::RequestBody;
 use crate::business_id::BusinessId;
+use crate::certsvc;
 use crate::config::{Staging, UpstreamTarget};
 use crate::identity::{self, rfc3339, unix, Identity, IdentitySource};
 use crate::proxy::AddedHeaders;
@@ -123,6 +124,8 @@ pub struct StagingParts {
     pub connect_timeout: Duration,
     /// Cancelled at shutdown.
     pub stop: CancellationToken,
+    /// Renewal counters.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A next identity for one identity in service.
@@ -138,7 +141,21 @@ pub struct Staged {
     poke: Notify,
     stop: CancellationToken,
     looked: tokio::sync::watch::Sender<u64>,
+    /// Automatic renewal: when the next attempt may run, the pause after a failure, and a
+    /// retrieval the service accepted but that did not finish (resumed, never requested anew).
+    renew_retry: Mutex<RenewRetry>,
 }
+
+#[derive(Default)]
+struct RenewRetry {
+    not_before: i64,
+    pause: u64,
+    accepted: Option<String>,
+}
+
+/// First pause after a failed automatic renewal; it doubles up to `RENEW_PAUSE_MAX`.
+const RENEW_PAUSE_FIRST: u64 = 60;
+const RENEW_PAUSE_MAX: u64 = 6 * 3600;
 
 impl Staged {
     /// Starts watching `source` for the identity `reloader` keeps; stops with `stop`.
@@ -162,6 +179,7 @@ impl Staged {
             poke: Notify::new(),
             stop,
             looked: tokio::sync::watch::Sender::new(0),
+            renew_retry: Mutex::default(),
         });
         tokio::spawn(staged.clone().run());
         staged
@@ -185,6 +203,7 @@ impl Staged {
     async fn run(self: Arc<Self>) {
         let span = self.reloader.span();
         loop {
+            self.renew_if_due().instrument(span.clone()).await;
             self.evaluate().instrument(span.clone()).await;
             self.looked.send_modify(|n| *n += 1);
             tokio::select! {
@@ -318,6 +337,153 @@ impl Staged {
                     None,
                 )
             }
+        }
+    }
+
+    /// With `--auto-renew`: renews the identity in service through the certificate service
+    /// when it is inside `--renew-days-before` and nothing newer is staged, writing the new pair
+    /// where the next identity is read from. Failures are logged with the service's words,
+    /// counted, shown in /status, and tried again after a pause that doubles up to 6 hours.
+    async fn renew_if_due(&self) {
+        let Some(ar) = &self.parts.cfg.auto_renew else {
+            return;
+        };
+        let now = SystemTime::now();
+        let t = unix(now);
+        let current = self.upstream.load_full();
+        let cur = current.identity.clone();
+        if t < cur.info.not_after - i64::from(ar.days_before) * 86_400 {
+            return;
+        }
+        if let Ok(next) = identity::load(&self.source, &tls::provider(), now) {
+            if next.info.not_after > cur.info.not_after {
+                return;
+            }
+        }
+        let resume = match self.renew_retry.lock() {
+            Ok(r) if t < r.not_before => return,
+            Ok(r) => r.accepted.clone(),
+            Err(_) => return,
+        };
+        let IdentitySource::Dir { dir: out, .. } = &self.source else {
+            self.renewal_done(
+                Err(
+                    "--auto-renew writes into a next identity directory (--next-identity-dir)"
+                        .into(),
+                ),
+                None,
+            );
+            return;
+        };
+        let result = async {
+            let svc = self.renewal_service(ar)?;
+            let customer = certsvc::customer_of(ar.environment, &cur, None)
+                .map_err(|e| (e.to_string(), None))?;
+            let hint = format!(
+                "vero-proxy cert renew --environment {} --customer-id {} --out {} --retrieval-id {{retrieval_id}}",
+                ar.environment, customer.customer_id, out.display()
+            );
+            let issued = match &resume {
+                Some(rid) => certsvc::resume(&svc, &customer, rid, out, &hint).await,
+                None => {
+                    certsvc::renewable(&cur, now).map_err(|e| (e.to_string(), None))?;
+                    // Leftovers of an earlier attempt the service refused are not worth keeping.
+                    certsvc::flow::prepare_out(out, true).map_err(|e| (e.to_string(), None))?;
+                    tracing::info!(organisation = self.organisation.map(|o| o.to_string()), service = %svc.url, "renewing the client certificate through the certificate service (--auto-renew)");
+                    certsvc::renew(&svc, &customer, &cur, out, now, &hint).await
+                }
+            };
+            issued.map_err(|e| {
+                let accepted = match &e {
+                    certsvc::FlowError::Accepted { retrieval_id, .. } => Some(retrieval_id.clone()),
+                    _ => None,
+                };
+                (e.to_string(), accepted)
+            })
+        }
+        .await;
+        match result {
+            Ok(issued) => self.renewal_done(
+                Ok(format!(
+                    "renewed: {} written (RetrievalId {}); it goes into service once Vero API accepts it",
+                    issued.cert_path.display(),
+                    issued.retrieval_id
+                )),
+                None,
+            ),
+            Err((e, accepted)) => self.renewal_done(Err(e), accepted.or(resume)),
+        }
+    }
+
+    fn renewal_service(
+        &self,
+        ar: &crate::config::AutoRenew,
+    ) -> Result<certsvc::Service, (String, Option<String>)> {
+        let fail = |e: String| (e, None);
+        let extra = match &ar.service_ca_file {
+            Some(p) => crate::cert::request::read_pems(p, "--renew-service-ca-file")
+                .map_err(|e| fail(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let signers = match &ar.service_signer_ca {
+            Some(p) => certsvc::dsig::SignerTrust::roots(
+                crate::cert::request::read_pems(p, "--renew-service-signer-ca")
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            None => certsvc::dsig::SignerTrust::embedded(ar.environment),
+        };
+        certsvc::Service::new(
+            ar.environment,
+            ar.service_url.as_deref(),
+            &extra,
+            signers,
+            certsvc::PollSchedule::default(),
+        )
+        .map_err(|e| fail(e.to_string()))
+    }
+
+    /// Records an automatic renewal's outcome: logs, metric, /status, and the pause on failure.
+    fn renewal_done(&self, outcome: Result<String, String>, accepted: Option<String>) {
+        let now = unix(SystemTime::now());
+        let org = self.organisation.map(|o| o.to_string());
+        let (result, message, retry_at) = match outcome {
+            Ok(msg) => {
+                tracing::info!(organisation = org, "{msg}");
+                if let Ok(mut r) = self.renew_retry.lock() {
+                    *r = RenewRetry::default();
+                }
+                ("ok", msg, None)
+            }
+            Err(msg) => {
+                let pause = match self.renew_retry.lock() {
+                    Ok(mut r) => {
+                        r.pause = (r.pause * 2).clamp(RENEW_PAUSE_FIRST, RENEW_PAUSE_MAX);
+                        r.not_before = now + r.pause as i64;
+                        r.accepted = accepted;
+                        r.pause
+                    }
+                    Err(_) => RENEW_PAUSE_FIRST,
+                };
+                tracing::error!(
+                    organisation = org,
+                    retry_in_seconds = pause,
+                    "automatic renewal failed: {msg}"
+                );
+                ("failed", msg, Some(rfc3339(now + pause as i64)))
+            }
+        };
+        self.parts
+            .metrics
+            .renewals
+            .get_or_create(&crate::metrics::ReloadResult { result })
+            .inc();
+        if let Ok(mut st) = self.state.lock() {
+            st.renewal = Some(RenewalAttempt {
+                at: rfc3339(now),
+                result,
+                message,
+                retry_at,
+            });
         }
     }
 

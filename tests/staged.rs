@@ -315,3 +315,257 @@ async fn after_the_activation_delay_the_staged_identity_goes_into_service_even_w
     assert!(why.contains("in service"), "{why}");
     assert_eq!(rig.serial_in_service(), serial_of(&next));
 }
+
+/// A proxy with --auto-renew against a stand-in certificate service, and an upstream (Vero
+/// API) that accepts the service's certificates but refuses a renewed one on /probe until
+/// `fetched`. The current certificate has 30 days left.
+struct AutoRig {
+    svc: vero_proxy::certsvc::standin::CertService,
+    _pki: Pki,
+    lab: Arc<Lab>,
+    fetched: Arc<AtomicBool>,
+    _upstream: standin::StandIn,
+    proxy: vero_proxy::app::Running,
+    addr: std::net::SocketAddr,
+    current_serial: String,
+    next_dir: PathBuf,
+}
+
+async fn auto_rig(fail: Option<vero_proxy::certsvc::answer::ErrorInfo>) -> AutoRig {
+    use vero_proxy::certsvc::standin::{CertService, Settings};
+    const ID: &str = "0245437-2";
+    let svc = CertService::start(Settings::default()).await.unwrap();
+    let pki = Pki::new();
+    let now = OffsetDateTime::now_utc();
+    let current = svc
+        .issue_current(
+            ID,
+            now - time::Duration::days(700),
+            now + time::Duration::days(30),
+        )
+        .unwrap();
+    std::fs::write(&pki.cert, &current.cert_pem).unwrap();
+    std::fs::write(&pki.key, &current.key_pem).unwrap();
+    for (name, pem) in [
+        ("tls-ca.pem", &svc.tls_ca_pem),
+        ("signer-ca.pem", &svc.signer_root_pem),
+    ] {
+        std::fs::write(pki.path(name), pem).unwrap();
+    }
+    let current_serial = serial_of(&current);
+
+    // Vero API: accepts client certificates of the service's issuing CA; refuses the renewed one
+    // on /probe until `fetched` (its daily fetch from the certificate service).
+    let lab = Arc::new(Lab::default());
+    let fetched = Arc::new(AtomicBool::new(false));
+    let inner = lab_handler(lab.clone());
+    let (fetched_by, current_by) = (fetched.clone(), colon_hex(&current_serial));
+    let handler: Handler = Arc::new(move |seen: standin::Seen, req| {
+        let renewed =
+            seen.client_serial.as_deref().map(str::to_ascii_lowercase) != Some(current_by.clone());
+        if req.uri().path() == "/probe" && renewed && !fetched_by.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                let mut r = http::Response::new(standin::full(Bytes::from_static(b"{}")));
+                *r.status_mut() = http::StatusCode::FORBIDDEN;
+                r
+            });
+        }
+        inner(seen, req)
+    });
+    let server = pki.ca.server(&["localhost"]).unwrap();
+    let cfg =
+        standin::server_config(&server, &[&svc.issuing_ca_pem], &[b"h2", b"http/1.1"]).unwrap();
+    let upstream = standin::start(cfg, handler).await.unwrap();
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let next_dir = pki.path("state/next");
+    let (tls_ca, signer_ca) = (pki.path("tls-ca.pem"), pki.path("signer-ca.pem"));
+    let flags = [
+        "--next-identity-dir",
+        next_dir.to_str().unwrap(),
+        "--probe-path",
+        "/probe",
+        "--activation-check-interval",
+        "50ms",
+        "--auto-renew",
+        "--renew-days-before",
+        "60",
+        "--renew-environment",
+        "test",
+        "--renew-service-url",
+        &svc.url,
+        "--renew-service-ca-file",
+        tls_ca.to_str().unwrap(),
+        "--renew-service-signer-ca",
+        signer_ca.to_str().unwrap(),
+    ];
+    svc.fail_with(fail);
+    let proxy = start_proxy(proxy_args(&pki, &url, &flags)).await;
+    let addr = match &proxy.listen {
+        vero_proxy::server::BoundAddr::Tcp(a) => *a,
+        other => panic!("expected TCP, got {other}"),
+    };
+    AutoRig {
+        svc,
+        _pki: pki,
+        lab,
+        fetched,
+        _upstream: upstream,
+        proxy,
+        addr,
+        current_serial,
+        next_dir,
+    }
+}
+
+impl AutoRig {
+    async fn wait(&self, phase: Phase, containing: &str) -> vero_proxy::staged::StagedState {
+        let staged = self.proxy.orgs.only().unwrap().staged.clone().unwrap();
+        let mut rx = staged.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let st = staged.state();
+                if st.phase == phase && st.reason.contains(containing) {
+                    return st;
+                }
+                rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("never {phase:?}/{containing}: {:?}", staged.state()))
+    }
+}
+
+/// The whole renewal, automatic: the proxy renews through the (stand-in) certificate service
+/// when the window opens, stages the new pair, waits while Vero API refuses it, and puts it into
+/// service once accepted, while applications keep sending requests: none fails.
+#[tokio::test]
+async fn auto_renewal_then_staged_activation_under_traffic_loses_nothing() {
+    let rig = auto_rig(None).await;
+    let load = Load::start(rig.addr, 4);
+    load.progress(50).await;
+
+    let waiting = rig.wait(Phase::Waiting, "403").await;
+    let renewal = waiting.renewal.clone().expect("no renewal recorded");
+    assert_eq!(renewal.result, "ok", "{renewal:?}");
+    let renewed_serial = waiting.serial.clone().unwrap();
+    assert_ne!(renewed_serial, rig.current_serial);
+    let ops: Vec<String> = rig
+        .svc
+        .received()
+        .iter()
+        .map(|r| r.soap_action.clone())
+        .collect();
+    assert_eq!(
+        ops.first().map(String::as_str),
+        Some("renewCertificate"),
+        "{ops:?}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(rig.next_dir.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    load.progress(100).await;
+    assert_eq!(
+        rig.proxy.in_service().unwrap().identity.info.serial,
+        rig.current_serial,
+        "activated while Vero API refused it"
+    );
+
+    rig.fetched.store(true, Ordering::SeqCst);
+    rig.wait(Phase::Active, "accepted").await;
+    assert_eq!(
+        rig.proxy.in_service().unwrap().identity.info.serial,
+        renewed_serial
+    );
+    load.progress(100).await;
+    let (served, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {served} failed: {failures:?}",
+        failures.len()
+    );
+    let last = rig.lab.received().last().cloned().unwrap();
+    assert_eq!(
+        last.seen.client_serial.unwrap().to_ascii_lowercase(),
+        colon_hex(&renewed_serial)
+    );
+    // Renewed once, not again now that a newer identity is in service.
+    let renewals = rig
+        .svc
+        .received()
+        .iter()
+        .filter(|r| r.soap_action == "renewCertificate")
+        .count();
+    assert_eq!(renewals, 1);
+    let metrics = send(rig.proxy.admin, get("/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("vero_proxy_renewals_total{result=\"ok\"} 1"),
+        "{text}"
+    );
+    println!("{served} requests served during renewal and activation, 0 failed");
+}
+
+#[tokio::test]
+async fn a_failed_auto_renewal_shows_the_services_words_and_keeps_serving() {
+    let rig = auto_rig(Some(vero_proxy::certsvc::answer::ErrorInfo {
+        code: "RENEWAL_DENIED".into(),
+        message: "Renewal is not allowed for this customer.".into(),
+    }))
+    .await;
+    let staged = rig.proxy.orgs.only().unwrap().staged.clone().unwrap();
+    let mut rx = staged.subscribe();
+    let attempt = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(r) = staged.state().renewal {
+                return r;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("no renewal attempt recorded");
+    assert_eq!(attempt.result, "failed");
+    assert!(
+        attempt
+            .message
+            .contains("Renewal is not allowed for this customer."),
+        "{attempt:?}"
+    );
+    assert!(attempt.retry_at.is_some());
+    // Nothing staged, the current identity serves on.
+    assert_eq!(staged.state().phase, Phase::None);
+    assert!(
+        !rig.next_dir.join("key.pem").exists(),
+        "a refused renewal's key was left behind"
+    );
+    let a = send(rig.addr, get("/x")).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        rig.proxy.in_service().unwrap().identity.info.serial,
+        rig.current_serial
+    );
+    let status = vero_proxy::admin::status::of(&rig.proxy.admin_state);
+    assert_eq!(
+        status["identity"]["next"]["renewal"]["result"], "failed",
+        "{status}"
+    );
+    let metrics = send(rig.proxy.admin, get("/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("vero_proxy_renewals_total{result=\"failed\"} 1"),
+        "{text}"
+    );
+    // Not tried again before the pause is over.
+    rx.changed().await.unwrap();
+    rx.changed().await.unwrap();
+    let renewals = rig
+        .svc
+        .received()
+        .iter()
+        .filter(|r| r.soap_action == "renewCertificate")
+        .count();
+    assert_eq!(renewals, 1);
+}

@@ -62,7 +62,8 @@ pub struct ServiceArgs {
     pub retrieval_timeout: Duration,
 }
 
-fn read_pems(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+/// The certificates of a PEM file, the flag named in errors.
+pub fn read_pems(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path)
         .map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
