@@ -433,15 +433,27 @@ async fn adding_replacing_and_removing_identities_under_mixed_load_loses_nothing
 async fn per_identity_sockets_always_use_their_identity_and_follow_the_directory() {
     let sockets = tempfile::tempdir().unwrap();
     let template = format!("unix:{}/{{id}}.sock", sockets.path().display());
-    let rig = Rig::new(&[A, B], &["--listen-per-identity", &template]).await;
+    let gid = nix::unistd::getegid().as_raw().to_string();
+    let rig = Rig::new(
+        &[A, B],
+        &[
+            "--listen-per-identity",
+            &template,
+            "--listen-per-identity-group",
+            &gid,
+        ],
+    )
+    .await;
     let path_of = |id: &str| sockets.path().join(format!("{id}.sock"));
     assert!(
         path_of(A).exists() && path_of(B).exists(),
         "sockets not there at start"
     );
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path_of(A)).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o660);
+    let meta = std::fs::metadata(path_of(A)).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.gid().to_string(), gid);
 
     // On A's socket, a header naming B is ignored: the socket decides.
     let a = send_unix(&path_of(A), Rig::request(Some(B), "/x")).await;
@@ -593,4 +605,35 @@ async fn check_reports_every_identity_in_the_directory() {
     assert!(ok, "{out}");
     let (ok, out) = run(&root.join("missing"));
     assert!(!ok && out.contains("missing"), "{out}");
+}
+
+#[tokio::test]
+async fn each_organisation_takes_its_renewed_identity_from_its_next_directory() {
+    // A 30 s activation delay has passed for a certificate valid from a minute ago.
+    let rig = Rig::new(&[A, B], &["--activation-delay", "30s"]).await;
+    let old_b = rig.serial_in_service(B).unwrap();
+    let old_a = rig.serial_in_service(A).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let renewed = rig
+        .pki
+        .ca
+        .client_valid(
+            A,
+            "Testi Oy",
+            now - time::Duration::minutes(1),
+            now + time::Duration::days(800),
+            rcgen::KeyPair::generate().unwrap(),
+        )
+        .unwrap();
+    write_identity(&rig.root.join(A), "next", &renewed);
+    rig.wait_until("A's renewed identity", || {
+        rig.serial_in_service(A).as_deref() != Some(old_a.as_str())
+    })
+    .await;
+    let a = rig.get_as(Some(A), "/x").await;
+    assert_eq!(a.status, 200);
+    let org_a = rig.proxy.orgs.get(&A.parse().unwrap()).unwrap();
+    let state = org_a.staged.as_ref().unwrap().state();
+    assert_eq!(state.phase, vero_proxy::staged::Phase::Active, "{state:?}");
+    assert_eq!(rig.serial_in_service(B).unwrap(), old_b, "B was touched");
 }
