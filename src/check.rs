@@ -34,17 +34,6 @@ impl Report {
     }
 }
 
-/// Which Vero environment an issuer belongs to, from its name.
-fn issuer_environment(issuer: &str) -> Option<&'static str> {
-    if issuer.contains("Data Providers Test Issuing CA") {
-        Some("test")
-    } else if issuer.contains("Data Providers Issuing CA") {
-        Some("production")
-    } else {
-        None
-    }
-}
-
 /// Which Vero environment a host is.
 fn host_environment(host: &str) -> Option<&'static str> {
     match host {
@@ -160,7 +149,13 @@ async fn check_identity(
         RenewalState::Expired => r.error("the certificate has expired"),
     }
     if let (Some(cert_env), Some(host_env)) = (
-        issuer_environment(&info.issuer),
+        ident
+            .certified_key
+            .cert
+            .first()
+            .and_then(|leaf| crate::vero_ca::environment_of(leaf.as_ref()))
+            .or_else(|| crate::vero_ca::by_issuer_name(&info.issuer).map(|(e, _)| e))
+            .map(|e| e.as_str()),
         host_environment(&cfg.upstream.host),
     ) {
         if cert_env != host_env {

@@ -185,6 +185,20 @@ pub fn environment_of(der: &[u8]) -> Option<Environment> {
 }
 
 /// The name of the Tax Administration CA that issued this DER certificate, for display.
+/// Which Tax Administration issuing CA an issuer name (`CN=..., O=...` as displayed) names,
+/// judged by the name alone: for a report of a certificate that is not at hand (a /status), and
+/// as the fallback of a warning. Prefer [`environment_of`], which checks the signature.
+pub fn by_issuer_name(issuer: &str) -> Option<(Environment, &'static str)> {
+    ISSUING_CAS
+        .iter()
+        .find(|ca| {
+            issuer
+                .split(',')
+                .any(|part| part.trim() == format!("CN={}", ca.name))
+        })
+        .map(|ca| (ca.environment, ca.name))
+}
+
 pub fn issuer_name(der: &[u8]) -> Option<&'static str> {
     issuing_ca(der).map(|c| c.name)
 }

@@ -11,7 +11,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 
 use super::facts::{CertFacts, Inspected};
 use crate::identity::CertInfo;
-use crate::vero_ca::{Environment, ISSUING_CAS};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BODY: usize = 1 << 20;
@@ -175,7 +174,7 @@ fn facts(url: &str, o: &serde_json::Value, role: &'static str) -> Result<CertFac
     Ok(CertFacts {
         role,
         info,
-        tax_ca: by_name(&issuer),
+        tax_ca: crate::vero_ca::by_issuer_name(&issuer),
         tax_ca_checked_by: "name",
         key: None,
         signed_previous: None,
@@ -185,22 +184,11 @@ fn facts(url: &str, o: &serde_json::Value, role: &'static str) -> Result<CertFac
     })
 }
 
-/// /status carries no certificate to check a signature on: the issuer's common name decides.
-fn by_name(issuer: &str) -> Option<(Environment, &'static str)> {
-    ISSUING_CAS
-        .iter()
-        .find(|ca| {
-            issuer
-                .split(',')
-                .any(|part| part.trim() == format!("CN={}", ca.name))
-        })
-        .map(|ca| (ca.environment, ca.name))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::vero_ca::Environment;
 
     fn identity(org: &str, cn: &str, issuer: &str) -> serde_json::Value {
         serde_json::json!({
@@ -265,7 +253,7 @@ mod tests {
         );
         // A look-alike issuer name that is not exactly the CA's is not taken for it.
         assert_eq!(
-            by_name("CN=Data Providers Test Issuing CA v1 (copy), O=X"),
+            crate::vero_ca::by_issuer_name("CN=Data Providers Test Issuing CA v1 (copy), O=X"),
             None
         );
     }
