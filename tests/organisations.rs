@@ -77,10 +77,7 @@ impl Rig {
         let upstream = start_upstream(&pki.ca, &pki.ca, UpstreamSpec::default(), lab.clone()).await;
         let url = format!("https://localhost:{}", upstream.addr.port());
         let proxy = start_proxy(org_args(&pki, &root, &url, extra)).await;
-        let addr = match &proxy.listen {
-            vero_proxy::server::BoundAddr::Tcp(a) => *a,
-            other => panic!("expected TCP, got {other}"),
-        };
+        let addr = tcp_addr(&proxy);
         Rig {
             pki,
             root,
@@ -282,10 +279,7 @@ async fn broken_expired_and_misnamed_identities_are_skipped_with_a_report() {
         parts_report[C]
     );
     assert!(parts_report[D].contains(D), "{}", parts_report[D]);
-    let addr = match &proxy.listen {
-        vero_proxy::server::BoundAddr::Tcp(a) => *a,
-        _ => unreachable!(),
-    };
+    let addr = tcp_addr(&proxy);
     let a = send(addr, Rig::request(Some(A), "/x")).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     let b = send(addr, Rig::request(Some(B), "/x")).await;

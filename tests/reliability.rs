@@ -34,10 +34,7 @@ fn get(path: &str) -> Request<Full<Bytes>> {
 }
 
 fn addr_of(running: &vero_proxy::app::Running) -> SocketAddr {
-    match &running.listen {
-        vero_proxy::server::BoundAddr::Tcp(a) => *a,
-        other => panic!("expected TCP, got {other}"),
-    }
+    tcp_addr(running)
 }
 
 /// The proxy still answers a normal request on a new connection.

@@ -110,10 +110,7 @@ impl Rig {
         ];
         flags.extend_from_slice(extra);
         let proxy = start_proxy(proxy_args(&pki, &url, &flags)).await;
-        let addr = match &proxy.listen {
-            vero_proxy::server::BoundAddr::Tcp(a) => *a,
-            other => panic!("expected TCP, got {other}"),
-        };
+        let addr = tcp_addr(&proxy);
         Rig {
             pki,
             next_dir,
@@ -130,19 +127,7 @@ impl Rig {
     }
 
     async fn wait_phase(&self, phase: Phase, containing: &str) -> String {
-        let staged = self.staged();
-        let mut rx = staged.subscribe();
-        tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                let st = staged.state();
-                if st.phase == phase && st.reason.contains(containing) {
-                    return st.reason;
-                }
-                rx.changed().await.unwrap();
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("never {phase:?} with {containing:?}: {:?}", staged.state()))
+        wait_phase(&self.staged(), phase, containing).await.reason
     }
 
     fn serial_in_service(&self) -> String {
@@ -164,6 +149,26 @@ fn renewed(pki: &Pki) -> Pair {
             rcgen::KeyPair::generate().unwrap(),
         )
         .unwrap()
+}
+
+/// Waits until the staged identity is in `phase` with a reason containing `containing`.
+async fn wait_phase(
+    staged: &Arc<Staged>,
+    phase: Phase,
+    containing: &str,
+) -> vero_proxy::staged::StagedState {
+    let mut rx = staged.subscribe();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let st = staged.state();
+            if st.phase == phase && st.reason.contains(containing) {
+                return st;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never {phase:?} with {containing:?}: {:?}", staged.state()))
 }
 
 /// Keep-alive clients sending requests until stopped; their failures.
@@ -400,10 +405,7 @@ async fn auto_rig(fail: Option<vero_proxy::certsvc::answer::ErrorInfo>) -> AutoR
     ];
     svc.fail_with(fail);
     let proxy = start_proxy(proxy_args(&pki, &url, &flags)).await;
-    let addr = match &proxy.listen {
-        vero_proxy::server::BoundAddr::Tcp(a) => *a,
-        other => panic!("expected TCP, got {other}"),
-    };
+    let addr = tcp_addr(&proxy);
     AutoRig {
         svc,
         _pki: pki,
@@ -420,18 +422,7 @@ async fn auto_rig(fail: Option<vero_proxy::certsvc::answer::ErrorInfo>) -> AutoR
 impl AutoRig {
     async fn wait(&self, phase: Phase, containing: &str) -> vero_proxy::staged::StagedState {
         let staged = self.proxy.orgs.only().unwrap().staged.clone().unwrap();
-        let mut rx = staged.subscribe();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let st = staged.state();
-                if st.phase == phase && st.reason.contains(containing) {
-                    return st;
-                }
-                rx.changed().await.unwrap();
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("never {phase:?}/{containing}: {:?}", staged.state()))
+        wait_phase(&staged, phase, containing).await
     }
 }
 

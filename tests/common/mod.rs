@@ -391,10 +391,7 @@ impl Setup {
         let upstream = start_upstream(&pki.ca, &pki.ca, spec, lab.clone()).await;
         let url = format!("https://localhost:{}", upstream.addr.port());
         let proxy = start_proxy(proxy_args(&pki, &url, extra)).await;
-        let addr = match &proxy.listen {
-            vero_proxy::server::BoundAddr::Tcp(a) => *a,
-            other => panic!("expected TCP, got {other}"),
-        };
+        let addr = tcp_addr(&proxy);
         Setup {
             pki,
             lab,
@@ -507,4 +504,12 @@ pub fn client_for_days(ca: &TestPki, id: &str, from: i64, to: i64) -> Pair {
         rcgen::KeyPair::generate().unwrap(),
     )
     .unwrap()
+}
+
+/// The main listener's TCP address of a proxy started by a test.
+pub fn tcp_addr(proxy: &vero_proxy::app::Running) -> SocketAddr {
+    match &proxy.listen {
+        vero_proxy::server::BoundAddr::Tcp(a) => *a,
+        other => panic!("expected TCP, got {other}"),
+    }
 }
