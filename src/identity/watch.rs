@@ -72,23 +72,31 @@ fn file_events(orgs: &Orgs) -> anyhow::Result<Events> {
             .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", root.display()))?,
         None => {
             for org in orgs.all() {
-                let staged = org.staged.as_ref().map(|s| s.source.watch_dirs());
-                let mut dirs = org.reloader.source().watch_dirs();
-                for d in staged.into_iter().flatten() {
-                    // A next identity's directory may not exist yet; its parent then.
+                let dirs = org.reloader.source().watch_dirs();
+                for dir in &dirs {
+                    watcher
+                        .watch(dir, RecursiveMode::NonRecursive)
+                        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+                }
+                // A next identity's directory may not exist yet: its parent then; and if that
+                // cannot be watched either, the staged identity is still looked at on its
+                // interval, and the current identity's events are not lost over it.
+                for d in org.staged.iter().flat_map(|s| s.source.watch_dirs()) {
                     let d = if d.is_dir() {
                         d
                     } else {
                         d.parent().map(Path::to_path_buf).unwrap_or(d)
                     };
-                    if !dirs.contains(&d) {
-                        dirs.push(d);
+                    if dirs.contains(&d) {
+                        continue;
                     }
-                }
-                for dir in dirs {
-                    watcher
-                        .watch(&dir, RecursiveMode::NonRecursive)
-                        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+                    if let Err(e) = watcher.watch(&d, RecursiveMode::NonRecursive) {
+                        tracing::warn!(
+                            "cannot watch {} for the next identity ({e}); it is looked at every \
+                             --activation-check-interval",
+                            d.display()
+                        );
+                    }
                 }
             }
         }
