@@ -122,10 +122,10 @@ async fn check_identity(
     r.info(&format!("issuer   {}", info.issuer));
     r.info(&format!("serial   {}", info.serial));
     r.info(&format!(
-        "valid    {} to {} ({} days left)",
+        "valid    {} to {} ({} left)",
         rfc3339(info.not_before),
         rfc3339(info.not_after),
-        info.days_left(now)
+        identity::days_text(info.days_left(now))
     ));
     r.info(&format!("sha256   {}", info.fingerprint_sha256));
     r.info(&format!(
@@ -139,12 +139,12 @@ async fn check_identity(
     match info.renewal_state(now, t) {
         RenewalState::Ok => {}
         RenewalState::RenewalOpen => r.warn(&format!(
-            "the renewal window is open: {} days left; renew through the certificate service now",
-            info.days_left(now)
+            "the renewal window is open: {} left; renew through the certificate service now",
+            identity::days_text(info.days_left(now))
         )),
         RenewalState::Critical => r.warn(&format!(
-            "only {} days left: renew now",
-            info.days_left(now)
+            "only {} left: renew now",
+            identity::days_text(info.days_left(now))
         )),
         RenewalState::Expired => r.error("the certificate has expired"),
     }

@@ -81,6 +81,15 @@ impl CertInfo {
     }
 }
 
+/// "1 day", "2 days".
+pub fn days_text(n: i64) -> String {
+    if n.abs() == 1 {
+        format!("{n} day")
+    } else {
+        format!("{n} days")
+    }
+}
+
 /// Seconds since the Unix epoch (negative before it).
 pub fn unix(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
@@ -164,14 +173,16 @@ impl CertInfo {
             RenewalState::Ok => {}
             RenewalState::RenewalOpen => tracing::warn!(
                 subject = %self.subject, days_left = days, not_after = %until,
-                "the client certificate expires on {until} ({days} days left): it can be renewed now through the \
+                "the client certificate expires on {until} ({} left): it can be renewed now through the \
                  Tax Administration's certificate service (from 60 days before expiry); a renewed production \
-                 certificate works at Vero API from the day after it is issued"
+                 certificate works at Vero API from the day after it is issued",
+                days_text(days)
             ),
             RenewalState::Critical => tracing::error!(
                 subject = %self.subject, days_left = days, not_after = %until,
-                "the client certificate expires on {until}, in {days} days: renew it now; an expired certificate \
-                 cannot be renewed and stops the integration"
+                "the client certificate expires on {until}, in {}: renew it now; an expired certificate \
+                 cannot be renewed and stops the integration",
+                days_text(days)
             ),
             RenewalState::Expired => tracing::error!(
                 subject = %self.subject, not_after = %until,

@@ -107,9 +107,9 @@ fn cert_lines(line: &mut impl FnMut(&str, &str), c: &CertFacts, now: i64, t: Thr
     line(
         "valid until",
         &format!(
-            "{} ({} days left)",
+            "{} ({} left)",
             rfc3339(info.not_after),
-            (info.not_after - now).div_euclid(86_400)
+            crate::identity::days_text((info.not_after - now).div_euclid(86_400))
         ),
     );
     line("renewal", &c.renewal_text(now, t));
