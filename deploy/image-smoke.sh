@@ -51,7 +51,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # A throwaway PKI: one CA for the upstream's server certificate and the client certificate.
 cd "$work"
-subj_client="/CN=1234567-8/O=Image Smoke Oy/C=FI"
+subj_client="/CN=1234567-1/O=Image Smoke Oy/C=FI"
 openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 30 -subj "/CN=image smoke CA" 2>/dev/null
 openssl req -new -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
 openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 -out server.pem \
@@ -124,7 +124,7 @@ uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")
 body=$(curl -sS -w '\n%{http_code}' "http://127.0.0.1:$listen_port/")
 status=${body##*$'\n'}
 [[ $status == 200 ]] || fail "GET / through the proxy answered $status"
-grep -q "Subject: CN=1234567-8, O=Image Smoke Oy, C=FI" <<<"$body" ||
+grep -q "Subject: CN=1234567-1, O=Image Smoke Oy, C=FI" <<<"$body" ||
   fail "the upstream did not report our client certificate"
 echo "image-smoke: ok: uid $uid, read-only rootfs, no tmpfs, all capabilities dropped;" \
   "GET / reached the mTLS upstream with subject ${subj_client}"

@@ -139,6 +139,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.upstream_queue_size,
         cfg.upstream_queue_timeout,
     ));
+    if cfg.staging.auto_renew.is_some() {
+        match (&cfg.identity, &cfg.staging.next) {
+            (IdentityConfig::Dir { dir, .. }, _) => {
+                crate::staged::check_writable(dir, "--identities-dir (for each ID/next/)")?
+            }
+            (_, Some(crate::identity::IdentitySource::Dir { dir, .. })) => {
+                crate::staged::check_writable(dir, "--next-identity-dir")?
+            }
+            _ => anyhow::bail!("--auto-renew writes into --next-identity-dir DIR; give one"),
+        }
+    }
     let added: AddedHeaders =
         Arc::new(ArcSwap::from_pointee(read_added_headers(&cfg.add_headers)?));
     let background = CancellationToken::new();

@@ -66,7 +66,7 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<bool> {
     let provider = tls::provider();
     match &cfg.identity {
         IdentityConfig::One(source) => {
-            check_identity(&mut r, &cfg, source, &provider, args).await?;
+            check_identity(&mut r, &cfg, source, None, &provider, args).await?;
         }
         IdentityConfig::Dir {
             dir,
@@ -85,12 +85,15 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<bool> {
             }
             for name in names {
                 println!("\n{name}:");
-                if let Err(e) = name.parse::<crate::business_id::BusinessId>() {
-                    r.warn(&format!("skipped: {e}"));
-                    continue;
-                }
+                let id = match name.parse::<crate::business_id::BusinessId>() {
+                    Ok(id) => id,
+                    Err(e) => {
+                        r.warn(&format!("skipped: {e}"));
+                        continue;
+                    }
+                };
                 let source = crate::orgs::source_in(&dir.join(&name), pkcs12_password.as_ref());
-                check_identity(&mut r, &cfg, &source, &provider, args).await?;
+                check_identity(&mut r, &cfg, &source, Some(id), &provider, args).await?;
             }
         }
     }
@@ -102,6 +105,7 @@ async fn check_identity(
     r: &mut Report,
     cfg: &Config,
     source: &IdentitySource,
+    organisation: Option<crate::business_id::BusinessId>,
     provider: &std::sync::Arc<rustls::crypto::CryptoProvider>,
     args: &CheckArgs,
 ) -> anyhow::Result<()> {
@@ -112,6 +116,10 @@ async fn check_identity(
             return Ok(());
         }
     };
+    if let Err(e) = crate::reload::check_organisation(organisation, &ident) {
+        r.error(&e);
+        return Ok(());
+    }
     let info = &ident.info;
     let now = SystemTime::now();
     r.ok(&format!(

@@ -96,6 +96,9 @@ pub struct OrgParts {
     pub staging: StagingParts,
 }
 
+/// A subdirectory that did not load: its files' hash then (tried again when it changes) and why.
+type Skipped = (Option<[u8; 32]>, String);
+
 enum Kind {
     Single(Arc<Org>),
     Dir {
@@ -103,7 +106,7 @@ enum Kind {
         map: ArcSwap<BTreeMap<BusinessId, Arc<Org>>>,
         /// Subdirectories that did not load, by name, with the content hash they had then: they
         /// are tried again (and reported again) only when their files change.
-        failed: Mutex<HashMap<String, Option<[u8; 32]>>>,
+        failed: Mutex<HashMap<String, Skipped>>,
     },
 }
 
@@ -227,23 +230,34 @@ impl Orgs {
         self.changed.subscribe()
     }
 
-    /// The organisation a request is for.
-    pub fn select(
+    /// The organisation a request is for (`header`: every Vero-Proxy-Organisation value).
+    pub fn select<'a>(
         &self,
         route: Route,
-        header: Option<&HeaderValue>,
+        header: impl IntoIterator<Item = &'a HeaderValue>,
     ) -> Result<Arc<Org>, ProxyError> {
-        let named = match route {
-            Route::Fixed(id) => {
-                return self.get(&id).ok_or_else(|| {
-                    ProxyError::OrganisationUnknown(format!(
-                        "the identity of {id} is no longer loaded; this socket serves only {id}"
-                    ))
-                })
+        if let Route::Fixed(id) = route {
+            return self.get(&id).ok_or_else(|| {
+                ProxyError::OrganisationUnknown(format!(
+                    "the identity of {id} is no longer loaded; this socket serves only {id}"
+                ))
+            });
+        }
+        let mut values = header.into_iter();
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(ProxyError::OrganisationRequired(
+                "the request names the organisation more than once: send one \
+                 Vero-Proxy-Organisation header"
+                    .into(),
+            ));
+        }
+        let Some(value) = first else {
+            if self.is_empty() {
+                return Err(ProxyError::OrganisationUnknown(
+                    "no identity is loaded: every one was skipped, or none was added yet".into(),
+                ));
             }
-            Route::Header => header,
-        };
-        let Some(value) = named else {
             return self.only().ok_or_else(|| {
                 ProxyError::OrganisationRequired(format!(
                     "this proxy holds {} identities: name the organisation in the header \
@@ -270,11 +284,17 @@ impl Orgs {
                     org.upstream.load().identity.info.subject
                 ),
             },
-            Kind::Dir { root, .. } => format!(
-                "no identity is loaded for {id} (header Vero-Proxy-Organisation); add {}/{id}/ \
-                 with cert.pem and key.pem",
-                root.display()
-            ),
+            Kind::Dir { failed, .. } => {
+                match failed.lock().ok().and_then(|f| f.get(id.as_str()).map(|(_, why)| why.clone())) {
+                    Some(why) => format!(
+                        "the identity of {id} (header Vero-Proxy-Organisation) was not loaded: {why}"
+                    ),
+                    None => format!(
+                        "no identity is loaded for {id} (header Vero-Proxy-Organisation); its \
+                         directory needs cert.pem and key.pem"
+                    ),
+                }
+            }
         }))
     }
 
@@ -368,7 +388,7 @@ impl Orgs {
                     let hash = identity::load::content_hash(&source);
                     // Failed before and unchanged since: not again, and not reported again.
                     match known.get(n) {
-                        Some(h) if *h == hash => None,
+                        Some((h, _)) if *h == hash => None,
                         _ => Some((n.clone(), source, hash)),
                     }
                 })
@@ -390,6 +410,9 @@ impl Orgs {
                 dir: root.join(&name).join("next"),
                 key_password: None,
             };
+            let result = result.and_then(|ident| {
+                crate::reload::check_organisation(Some(id), &ident).map(|()| ident)
+            });
             match result.and_then(|ident| {
                 build_org(&self.parts, Some(id), ident, source, Some(next))
                     .map_err(|e| e.to_string())
@@ -412,7 +435,7 @@ impl Orgs {
                 Err(e) => {
                     tracing::error!(organisation = %id, %trigger, "identity skipped: {e}");
                     if let Ok(mut f) = failed.lock() {
-                        f.insert(name.clone(), hash);
+                        f.insert(name.clone(), (hash, e.clone()));
                     }
                     report.failed.push((name, e));
                 }
@@ -434,7 +457,7 @@ impl Orgs {
                         "skipped: the subdirectories of --identities-dir are named by business ID ({e})"
                     );
                     if let Ok(mut f) = failed.lock() {
-                        f.insert(name.to_owned(), None);
+                        f.insert(name.to_owned(), (None, e.to_string()));
                     }
                 }
                 report.failed.push((name.to_owned(), e.to_string()));

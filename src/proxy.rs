@@ -147,7 +147,7 @@ impl Proxy {
             return Err(ProxyError::ConnectNotSupported);
         }
         self.gate.check(&req, &self.target)?;
-        let org = self.orgs.select(route, req.headers().get(ORG_HEADER))?;
+        let org = self.orgs.select(route, req.headers().get_all(ORG_HEADER))?;
         if let Some(l) = log.as_mut() {
             l.organisation = org.organisation();
         }

@@ -171,6 +171,20 @@ impl Reloader {
             .await
     }
 
+    /// Whether a staged identity is in service instead of the files.
+    pub fn has_preferred(&self) -> bool {
+        self.preferred.load().is_some()
+    }
+
+    /// Goes back to the identity in the files (the staged one was removed).
+    pub async fn deactivate(&self, why: &str) -> Outcome {
+        if self.preferred.swap(None).is_none() {
+            return Outcome::Unchanged;
+        }
+        self.reload(&format!("next identity withdrawn: {why}"))
+            .await
+    }
+
     /// Replaces the pool with a fresh one for the same identity (so DNS is looked up again and
     /// no connection lives forever), under the same lock as reloads so neither undoes the other.
     pub async fn refresh_pool(&self) {
@@ -207,6 +221,10 @@ impl Reloader {
                 }
             }
         };
+        if let Err(e) = check_organisation(self.organisation, &ident) {
+            tracing::error!(%trigger, "identity reload rejected, the identity in service stays: {e}");
+            return Outcome::Failed(e);
+        }
         let ident = match self.preferred.load_full() {
             Some(p) if p.info.not_after > ident.info.not_after => p,
             _ => Arc::new(ident),
@@ -233,6 +251,31 @@ impl Reloader {
         tracing::info!(%trigger, warmed, "new identity in service; connections of the old one retire");
         upstream::swap(&self.shared, next);
         Outcome::Reloaded
+    }
+}
+
+/// With `--identities-dir`, an identity serves only the organisation its certificate names: a
+/// directory named for one business ID holding another's certificate would make every request
+/// of the first go out as the second.
+pub fn check_organisation(
+    organisation: Option<BusinessId>,
+    ident: &Identity,
+) -> Result<(), String> {
+    let Some(dir) = organisation else {
+        return Ok(());
+    };
+    match ident.info.organisation {
+        Some(cn) if cn == dir => Ok(()),
+        Some(cn) => Err(format!(
+            "the certificate in {}'s directory is {}'s (CN={cn}); requests for {dir} must not go out \
+             as another organisation: put it in {cn}/",
+            dir, cn
+        )),
+        None => Err(format!(
+            "the certificate in {dir}'s directory ({}) names no business ID in its CN, so it cannot be \
+             told to be {dir}'s",
+            ident.info.subject
+        )),
     }
 }
 

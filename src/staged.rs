@@ -16,7 +16,6 @@ use bytes::Bytes;
 use http::Request;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::body::RequestBody;
 use crate::business_id::BusinessId;
@@ -111,6 +110,29 @@ impl Default for StagedState {
     }
 }
 
+/// With `--auto-renew`, at start: the directory renewed pairs go into must be a directory this
+/// process can write (made if missing), or the first renewal, weeks later, would fail.
+pub fn check_writable(dir: &std::path::Path, what: &str) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("--auto-renew: {what} {} is not a directory", dir.display());
+    }
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("--auto-renew: cannot make {what} {}: {e}", dir.display())
+        })?;
+    }
+    let probe = dir.join(".vero-proxy-write-test");
+    std::fs::write(&probe, b"").map_err(|e| {
+        anyhow::anyhow!(
+            "--auto-renew: {what} {} is not writable ({e}); renewed pairs are written there \
+             (under systemd: StateDirectory=, e.g. /var/lib/vero-proxy/next)",
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// What every staged identity is checked with.
 #[derive(Clone)]
 pub struct StagingParts {
@@ -201,13 +223,22 @@ impl Staged {
     }
 
     async fn run(self: Arc<Self>) {
-        let span = self.reloader.span();
         loop {
-            self.renew_if_due().instrument(span.clone()).await;
-            self.evaluate().instrument(span.clone()).await;
+            self.renew_if_due().await;
+            self.evaluate().await;
             self.looked.send_modify(|n| *n += 1);
+            // Wake for a renewal retry when it is due, not only on the check interval.
+            let mut pause = self.parts.cfg.check_interval;
+            if self.parts.cfg.auto_renew.is_some() {
+                if let Ok(r) = self.renew_retry.lock() {
+                    let left = r.not_before - unix(SystemTime::now());
+                    if left > 0 {
+                        pause = pause.min(Duration::from_secs(left as u64));
+                    }
+                }
+            }
             tokio::select! {
-                _ = tokio::time::sleep(self.parts.cfg.check_interval) => {},
+                _ = tokio::time::sleep(pause) => {},
                 _ = self.poke.notified() => {},
                 _ = self.stop.cancelled() => return,
                 _ = self.parts.stop.cancelled() => return,
@@ -254,6 +285,12 @@ impl Staged {
     /// One look: load the next identity and decide whether it goes into service now.
     pub async fn evaluate(&self) {
         if identity::load::content_hash(&self.source).is_none() {
+            // Removed after it went into service: back to the identity in the files (the way to
+            // undo an activation; also what promotion into the files ends with, harmlessly).
+            if self.reloader.has_preferred() {
+                let outcome = self.reloader.deactivate("its files were removed").await;
+                tracing::warn!(organisation = self.organisation.map(|o| o.to_string()), result = outcome.as_str(), "the staged identity in service was removed; the identity in the files serves again");
+            }
             self.set(Phase::None, "no next identity is staged".into(), None, None);
             return;
         }
@@ -267,6 +304,10 @@ impl Staged {
         };
         let current = self.upstream.load_full();
         let cur = &current.identity.info;
+        if let Some(why) = self.other_organisation(&next, cur) {
+            self.set(Phase::Rejected, why, Some(&next), None);
+            return;
+        }
         if next.info.fingerprint_sha256 == cur.fingerprint_sha256 {
             self.set(Phase::Active, "in service".into(), Some(&next), None);
             return;
@@ -487,6 +528,27 @@ impl Staged {
         }
     }
 
+    /// Why `next` is not a renewal of the identity in service: another organisation's
+    /// certificate must never take its place.
+    fn other_organisation(
+        &self,
+        next: &Identity,
+        cur: &crate::identity::CertInfo,
+    ) -> Option<String> {
+        match self.organisation.or(cur.organisation) {
+            Some(want) if next.info.organisation != Some(want) => Some(format!(
+                "it is not {want}'s certificate ({}); a renewal keeps the business ID",
+                next.info.subject
+            )),
+            Some(_) => None,
+            None if next.info.subject != cur.subject => Some(format!(
+                "its subject ({}) differs from the identity in service ({}); a renewal keeps it",
+                next.info.subject, cur.subject
+            )),
+            None => None,
+        }
+    }
+
     /// A handshake and one GET with `next`: Ok(status) when Vero API accepts it, else why not.
     async fn probe(&self, next: Arc<Identity>) -> Result<u16, String> {
         let up = self
@@ -517,8 +579,13 @@ impl Staged {
         .map_err(|_| "the probe got no answer in time".to_string())?;
         match sent {
             Ok((resp, _)) => match resp.status().as_u16() {
-                s @ (401 | 403) => Err(format!(
+                // 400/495/496: how nginx-style front ends answer a refused client certificate.
+                s @ (400 | 401 | 403 | 495 | 496) => Err(format!(
                     "a probe with it (GET {}) was answered {s}: Vero API does not accept it yet",
+                    self.parts.cfg.probe_path
+                )),
+                s if s >= 500 => Err(format!(
+                    "a probe with it (GET {}) was answered {s}, which proves nothing either way",
                     self.parts.cfg.probe_path
                 )),
                 s => Ok(s),

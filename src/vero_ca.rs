@@ -27,7 +27,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {
-    /// The customer test environment (`pkiws-testi.vero.fi`, `api-test.vero.fi`).
+    /// The customer test environment (`pkiws-testi.vero.fi`, `apitest.vero.fi`).
     Test,
     /// Production (`pkiws.vero.fi`, `api.vero.fi`).
     Production,

@@ -631,3 +631,55 @@ async fn each_organisation_takes_its_renewed_identity_from_its_next_directory() 
     assert_eq!(state.phase, vero_proxy::staged::Phase::Active, "{state:?}");
     assert_eq!(rig.serial_in_service(B).unwrap(), old_b, "B was touched");
 }
+
+#[tokio::test]
+async fn a_directory_holding_another_organisations_certificate_is_never_used_for_it() {
+    let pki = Pki::new();
+    let root = pki.path("identities");
+    write_identity(&root, A, &pki.ca.client(A, "Oikea Oy").unwrap());
+    // B's directory holds C's certificate.
+    write_identity(&root, B, &pki.ca.client(C, "Väärä Oy").unwrap());
+    let lab = Arc::new(Lab::default());
+    let upstream = start_upstream(&pki.ca, &pki.ca, UpstreamSpec::default(), lab.clone()).await;
+    let url = format!("https://localhost:{}", upstream.addr.port());
+    let proxy = start_proxy(org_args(&pki, &root, &url, &[])).await;
+    let addr = tcp_addr(&proxy);
+    let b = send(addr, Rig::request(Some(B), "/x")).await;
+    assert_eq!(b.status, 404);
+    let msg = b.json()["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("was not loaded") && msg.contains(C), "{msg}");
+    assert!(
+        !msg.contains(root.to_str().unwrap()),
+        "the answer shows a server path: {msg}"
+    );
+
+    // At run time: A's files replaced by C's certificate are refused; A's own stays in service.
+    let before = proxy.orgs.get(&A.parse().unwrap()).unwrap();
+    let serial = before.upstream.load().identity.info.serial.clone();
+    write_identity(&root, A, &pki.ca.client(C, "Väärä Oy").unwrap());
+    let outcome = before.reloader.reload("test").await;
+    assert!(
+        matches!(&outcome, vero_proxy::reload::Outcome::Failed(e) if e.contains(C)),
+        "{outcome:?}"
+    );
+    assert_eq!(before.upstream.load().identity.info.serial, serial);
+    let a = send(addr, Rig::request(Some(A), "/x")).await;
+    assert_eq!(a.status, 200);
+    assert!(cn_of(&lab.last()).contains(A));
+    assert!(lab.received().iter().all(|r| !cn_of(r).contains(C)));
+}
+
+#[tokio::test]
+async fn the_organisation_header_twice_is_refused() {
+    let rig = Rig::new(&[A, B], &[]).await;
+    let req = Request::get("/x")
+        .header("host", "localhost")
+        .header("vero-proxy-organisation", A)
+        .header("vero-proxy-organisation", B)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let a = send(rig.addr, req).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.error_code(), "organisation_required");
+    assert!(rig.lab.received().is_empty());
+}

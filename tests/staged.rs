@@ -98,16 +98,16 @@ impl Rig {
             standin::server_config(&server, &[&pki.ca.ca_pem], &[b"h2", b"http/1.1"]).unwrap();
         let upstream = standin::start(cfg, handler).await.unwrap();
         let url = format!("https://localhost:{}", upstream.addr.port());
-        let mut flags = vec![
-            "--next-identity-dir",
-            next_dir.to_str().unwrap(),
-            "--probe-path",
-            "/probe",
+        let mut flags = vec!["--next-identity-dir", next_dir.to_str().unwrap()];
+        if !extra.contains(&"--probe-path") {
+            flags.extend_from_slice(&["--probe-path", "/probe"]);
+        }
+        flags.extend_from_slice(&[
             "--activation-check-interval",
             "50ms",
             "--reload-debounce",
             "20ms",
-        ];
+        ]);
         flags.extend_from_slice(extra);
         let proxy = start_proxy(proxy_args(&pki, &url, &flags)).await;
         let addr = tcp_addr(&proxy);
@@ -559,4 +559,73 @@ async fn a_failed_auto_renewal_shows_the_services_words_and_keeps_serving() {
         .filter(|r| r.soap_action == "renewCertificate")
         .count();
     assert_eq!(renewals, 1);
+}
+
+#[tokio::test]
+async fn another_organisations_certificate_is_never_activated() {
+    let rig = Rig::new(Some(300), &["--activation-delay", "30s"]).await;
+    let current = rig.serial_in_service();
+    // Newer, accepted by the upstream, past the activation delay: but CN 0245458-3, not 1234567-1.
+    let other = client_for_days(&rig.pki.ca, "0245458-3", 0, 800);
+    write_pair(&rig.next_dir, &other);
+    let why = rig.wait_phase(Phase::Rejected, "not 1234567-1's").await;
+    assert!(why.contains("0245458-3"), "{why}");
+    assert_eq!(rig.serial_in_service(), current);
+}
+
+#[tokio::test]
+async fn a_probe_answered_400_or_500_is_not_acceptance() {
+    let rig = Rig::new(Some(300), &["--probe-path", "/status/400"]).await;
+    let next = renewed(&rig.pki);
+    write_pair(&rig.next_dir, &next);
+    rig.wait_phase(Phase::Waiting, "answered 400").await;
+    let rig = Rig::new(Some(300), &["--probe-path", "/status/503"]).await;
+    let next = renewed(&rig.pki);
+    write_pair(&rig.next_dir, &next);
+    rig.wait_phase(Phase::Waiting, "proves nothing").await;
+    assert_ne!(rig.serial_in_service(), serial_of(&next));
+}
+
+#[tokio::test]
+async fn removing_an_activated_next_identity_goes_back_to_the_files() {
+    let rig = Rig::new(Some(300), &["--activation-delay", "30s"]).await;
+    let current = rig.serial_in_service();
+    let next = renewed(&rig.pki);
+    write_pair(&rig.next_dir, &next);
+    rig.wait_phase(Phase::Active, "in service").await;
+    assert_eq!(rig.serial_in_service(), serial_of(&next));
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::remove_file(rig.next_dir.join(f)).unwrap();
+    }
+    rig.wait_phase(Phase::None, "no next identity").await;
+    assert_eq!(rig.serial_in_service(), current);
+    assert_eq!(send(rig.addr, get("/x")).await.status, 200);
+}
+
+#[tokio::test]
+async fn auto_renew_without_a_writable_directory_refuses_to_start() {
+    use clap::Parser;
+    let pki = Pki::new();
+    let not_a_dir = pki.ca_file.to_str().unwrap().to_owned();
+    let args = proxy_args(
+        &pki,
+        "https://localhost:1",
+        &[
+            "--next-identity-dir",
+            &not_a_dir,
+            "--auto-renew",
+            "--renew-environment",
+            "test",
+        ],
+    );
+    let cli = vero_proxy::cli::Cli::try_parse_from(args).unwrap();
+    let cfg = vero_proxy::config::Config::from_args(&cli.run).unwrap();
+    let err = match vero_proxy::app::start(cfg).await {
+        Ok(_) => panic!("started with an unusable --next-identity-dir"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("not a directory") && err.contains(&not_a_dir),
+        "{err}"
+    );
 }

@@ -96,10 +96,16 @@ pub async fn run(args: InspectArgs) -> anyhow::Result<bool> {
         inspected.judge(now, args.fail_within);
     }
     let ok = all.iter().all(|i| i.problems.is_empty());
-    if args.json {
-        println!("{}", render::json(&all, now, thresholds, ok));
+    let out = if args.json {
+        format!("{}\n", render::json(&all, now, thresholds, ok))
     } else {
-        print!("{}", render::text(&all, now, thresholds, color()));
+        render::text(&all, now, thresholds, color())
+    };
+    // A reader that goes away (`| head`) ends the output quietly, as with other tools.
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other?,
     }
     Ok(ok)
 }
