@@ -485,6 +485,10 @@ impl Staged {
 
     /// Records an automatic renewal's outcome: logs, metric, /status, and the pause on failure.
     fn renewal_done(&self, outcome: Result<String, String>, accepted: Option<String>) {
+        // One log record, one line.
+        let outcome = outcome
+            .map(|m| m.replace('\n', " "))
+            .map_err(|m| m.replace('\n', " "));
         let now = unix(SystemTime::now());
         let org = self.organisation.map(|o| o.to_string());
         let (result, message, retry_at) = match outcome {

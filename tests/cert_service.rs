@@ -860,3 +860,26 @@ async fn renewal_per_organisation_into_its_next_directory_and_if_due_for_a_daily
     .await;
     assert!(!ok && stderr.contains("1000000-4"), "{stderr}");
 }
+
+#[tokio::test]
+async fn an_unreachable_service_says_nothing_was_sent_and_keeps_no_key() {
+    let lab = Lab::new(0).await;
+    let a = args(
+        &["cert", "request", "--transfer-id", "T1"],
+        lab.service_flags("unreachable")
+            .into_iter()
+            .map(|f| {
+                if f == lab.svc.url {
+                    "https://127.0.0.1:1/2017/10/CertificateServices".to_string()
+                } else {
+                    f
+                }
+            })
+            .collect(),
+    );
+    let (ok, _, stderr) = vero(&a, &[("VERO_PROXY_TRANSFER_PASSWORD", "pw1")]).await;
+    assert!(!ok);
+    assert!(stderr.contains("nothing was sent"), "{stderr}");
+    assert!(!stderr.contains("transfer IDs are used up"), "{stderr}");
+    assert!(!lab.path("unreachable").join("key.pem").exists());
+}

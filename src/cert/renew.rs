@@ -56,7 +56,8 @@ pub struct RenewArgs {
 
     /// Exit 0 without contacting the service when nothing is due: the renewal window (60 days
     /// before expiry) is not open yet, or a renewed pair is already staged in --out. For a daily
-    /// job. An expired certificate still fails.
+    /// job. An expired certificate still fails; leftovers of an unfinished attempt in --out are
+    /// replaced.
     #[arg(long)]
     pub if_due: bool,
 }
@@ -194,7 +195,10 @@ pub async fn run(args: RenewArgs) -> anyhow::Result<()> {
         };
         let mut s = s.clone();
         s.customer_id = Some(customer.customer_id.clone());
-        certsvc::flow::prepare_out(&out, s.force)?;
+        // --if-due has found nothing newer staged in --out: what is there is a leftover of an
+        // attempt that did not finish (a renewal can simply be asked for again), so a daily job
+        // is never stuck on it.
+        certsvc::flow::prepare_out(&out, s.force || args.if_due)?;
         eprintln!("Renewing {} through {} ...", current.info.who(), svc.url);
         certsvc::renew(
             &svc,

@@ -42,8 +42,16 @@ pub enum ServiceError {
     /// Settings that cannot work.
     #[error("{0}")]
     Config(String),
-    /// No connection or no answer.
-    #[error("cannot reach the certificate service at {url}: {reason}")]
+    /// No connection: nothing was sent.
+    #[error("cannot reach the certificate service at {url}: {reason}; nothing was sent")]
+    Unreachable {
+        /// The service URL.
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The request was sent (or may have been), and no answer came.
+    #[error("no answer from the certificate service at {url}: {reason}")]
     Connect {
         /// The service URL.
         url: String,
@@ -197,6 +205,13 @@ impl Service {
         })
     }
 
+    fn unreachable(&self, reason: impl std::fmt::Display) -> ServiceError {
+        ServiceError::Unreachable {
+            url: self.url.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
     fn connect_err(&self, reason: impl std::fmt::Display) -> ServiceError {
         ServiceError::Connect {
             url: self.url.to_string(),
@@ -240,15 +255,15 @@ impl Service {
             .to_string();
         let tcp = TcpStream::connect((bare.as_str(), port))
             .await
-            .map_err(|e| self.connect_err(e))?;
-        let name = ServerName::try_from(bare.clone()).map_err(|e| self.connect_err(e))?;
+            .map_err(|e| self.unreachable(e))?;
+        let name = ServerName::try_from(bare.clone()).map_err(|e| self.unreachable(e))?;
         let tls = TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| self.connect_err(format!("TLS: {e}")))?;
+            .map_err(|e| self.unreachable(format!("TLS: {e}")))?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| self.connect_err(e))?;
+            .map_err(|e| self.unreachable(e))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });

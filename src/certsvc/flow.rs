@@ -79,14 +79,17 @@ pub enum FlowError {
     },
     /// The request may have reached the service, but no trusted answer came back.
     #[error(
-        "{source}\nNo trusted answer came back, so it is not known whether the certificate service \
-         accepted the request (if it did, one-time transfer IDs are used up). The new key stays in \
-         {}; to try again, pass --force to replace it.",
+        "{source}. No trusted answer came back, so it is not known whether the certificate service \
+         accepted the request{}. The new key stays in {}; a new attempt replaces it (cert request \
+         and cert renew: --force).",
+        if *.transfer_ids { " (if it did, the one-time transfer IDs are used up)" } else { "" },
         key_path.display()
     )]
     Unconfirmed {
         /// Where the new key is.
         key_path: PathBuf,
+        /// Whether one-time transfer IDs were sent (first retrieval).
+        transfer_ids: bool,
         /// What failed.
         source: ServiceError,
     },
@@ -304,12 +307,16 @@ async fn send(
         Err(e) => Err(e.into()),
     };
     match result {
-        Err(FlowError::Service(e @ ServiceError::Refused(_))) => {
+        // Refused, or never sent: nothing can have been accepted with this key.
+        Err(FlowError::Service(
+            e @ (ServiceError::Refused(_) | ServiceError::Unreachable { .. }),
+        )) => {
             let _ = std::fs::remove_file(key_path);
             Err(e.into())
         }
         Err(FlowError::Service(e)) => Err(FlowError::Unconfirmed {
             key_path: key_path.to_path_buf(),
+            transfer_ids: matches!(op, Operation::SignNew),
             source: e,
         }),
         other => other,
