@@ -106,9 +106,13 @@ impl ServiceArgs {
                 "--customer-id is required: the organisation's business ID, such as 1234567-1"
             )
         })?;
+        let id: crate::business_id::BusinessId = id
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--customer-id: {e}"))?;
         Ok(Customer {
             environment: self.environment,
-            customer_id: id.trim().to_string(),
+            customer_id: id.to_string(),
             customer_name: self.customer_name.clone(),
         })
     }

@@ -27,6 +27,12 @@ pub enum IdentityError {
         /// OS error (in the message, not a separate cause, so it is not printed twice).
         err: std::io::Error,
     },
+    /// An identity directory that does not exist.
+    #[error("{dir} does not exist (or cannot be read); it should hold cert.pem + key.pem or tls.crt + tls.key")]
+    NoDir {
+        /// Directory.
+        dir: PathBuf,
+    },
     /// An identity directory without a known pair.
     #[error("{dir} holds neither cert.pem + key.pem nor tls.crt + tls.key")]
     NoPairInDir {
@@ -218,7 +224,13 @@ fn pem_paths(
             .map(|(c, k)| (dir.join(c), dir.join(k)))
             .find(|(c, k)| c.exists() && k.exists())
             .map(|(c, k)| (c, Some(k), key_password.clone()))
-            .ok_or_else(|| IdentityError::NoPairInDir { dir: dir.clone() }),
+            .ok_or_else(|| {
+                if dir.is_dir() {
+                    IdentityError::NoPairInDir { dir: dir.clone() }
+                } else {
+                    IdentityError::NoDir { dir: dir.clone() }
+                }
+            }),
         IdentitySource::Pkcs12 { .. } => Err(IdentityError::NoPairInDir {
             dir: PathBuf::new(),
         }),
