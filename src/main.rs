@@ -4,6 +4,9 @@ use tracing_subscriber::EnvFilter;
 use vero_proxy::cli::{Command, LogFormat};
 use vero_proxy::config_file::{self, ParseError};
 
+/// Info, but not the file-watch library's own notes (a watch removed with its directory).
+const DEFAULT_FILTER: &str = "info,notify=warn";
+
 fn init_logging(format: LogFormat, level: Option<&str>) {
     use std::io::IsTerminal;
     let wanted = level
@@ -13,8 +16,8 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
     // A typo must not silence the proxy: fall back to info and say so.
     let (filter, rejected) = match wanted.as_deref().map(EnvFilter::try_new) {
         Some(Ok(f)) => (f, None),
-        Some(Err(e)) => (EnvFilter::new("info"), wanted.clone().map(|w| (w, e))),
-        None => (EnvFilter::new("info"), None),
+        Some(Err(e)) => (EnvFilter::new(DEFAULT_FILTER), wanted.clone().map(|w| (w, e))),
+        None => (EnvFilter::new(DEFAULT_FILTER), None),
     };
     // Colours only for a person at a terminal, never into journald, docker logs or files.
     let builder = tracing_subscriber::fmt()
