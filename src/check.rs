@@ -267,6 +267,18 @@ async fn connect(
             r.info("likely: no production access yet (pass the integration verification first), or a renewed \
                     production certificate that Vero API has not fetched yet (it does so once a day)");
         }
+        s @ (400 | 495 | 496) if s != 400 || body.to_ascii_lowercase().contains("certificate") => {
+            r.error(&format!(
+                "GET {target}: {s} from the upstream: it refused the client certificate after the handshake"
+            ));
+            r.info(&format!("the upstream said: {body}"));
+            r.info("likely: a certificate from the wrong environment or CA, or one the server does not know yet");
+        }
+        s if s >= 500 => {
+            r.warn(&format!(
+                "GET {target}: {s} from the upstream: the handshake passed, but this answer does not show whether the certificate is accepted"
+            ));
+        }
         s => r.ok(&format!(
             "GET {target}: {s} from the API: the certificate was accepted"
         )),

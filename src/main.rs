@@ -16,7 +16,10 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
     // A typo must not silence the proxy: fall back to info and say so.
     let (filter, rejected) = match wanted.as_deref().map(EnvFilter::try_new) {
         Some(Ok(f)) => (f, None),
-        Some(Err(e)) => (EnvFilter::new(DEFAULT_FILTER), wanted.clone().map(|w| (w, e))),
+        Some(Err(e)) => (
+            EnvFilter::new(DEFAULT_FILTER),
+            wanted.clone().map(|w| (w, e)),
+        ),
         None => (EnvFilter::new(DEFAULT_FILTER), None),
     };
     // Colours only for a person at a terminal, never into journald, docker logs or files.
