@@ -79,35 +79,52 @@ impl RequestIds {
 
 /// Whether a header is hop-by-hop (RFC 9110 section 7.6.1) and never forwarded as is.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+    HOP_BY_HOP.contains(name)
 }
 
 /// The hop-by-hop headers of RFC 9110 section 7.6.1, plus the old `Proxy-Connection`.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Each removal hashes its name: look first (most messages carry none, or only
+    // `Connection`), and remove only what is there.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
+        return;
+    }
+    // Names that `Connection` lists and the message carries ("close" or "keep-alive" usually
+    // name no header: nothing to allocate for them).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| headers.contains_key(*n))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
         headers.remove(n);
     }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
+    for (n, there) in HOP_BY_HOP.iter().zip(present) {
+        if there {
+            headers.remove(n);
+        }
     }
 }
 
@@ -397,5 +414,30 @@ async fn read_small_body(body: Incoming, counted: ByteCount) -> Result<RequestBo
             Ok(RequestBody::Full(Some(bytes)))
         }
         _ => Ok(RequestBody::Stream(body, counted)),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-secret, keep-alive"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        let mut none = HeaderMap::new();
+        none.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut none);
+        assert_eq!(none.len(), 1);
     }
 }
