@@ -1,7 +1,6 @@
 //! The request service: refuse what must not pass, rewrite URI and headers, forward under the
 //! concurrency cap, and turn every failure into the proxy's JSON answer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,7 +11,7 @@ use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::{id_header, request_id_of, Exchange};
+use crate::access::{id_str, request_id_of, Exchange, RequestIds};
 use crate::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::config::UpstreamTarget;
 use crate::error::{find_tls_error, ProxyError};
@@ -23,6 +22,9 @@ use crate::orgs::{Orgs, Route, ORG_HEADER};
 use crate::upstream::conn::{Return, SendError};
 use crate::upstream::limit::{Limiter, Places};
 use crate::upstream::{tls, Upstream};
+
+/// The request id header, sent upstream and back to the application.
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers set on every forwarded request (`--add-header`), swapped when a value file changes.
 pub type AddedHeaders = Arc<ArcSwap<Vec<(HeaderName, HeaderValue)>>>;
@@ -47,34 +49,6 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Request ids for requests that bring none.
     pub ids: RequestIds,
-}
-
-/// Makes request ids: a random per-process prefix and a counter.
-pub struct RequestIds {
-    prefix: u32,
-    next: AtomicU64,
-}
-
-impl Default for RequestIds {
-    fn default() -> Self {
-        let mut seed = [0u8; 4];
-        // An id prefix that differs between restarts; a fixed one is still unique per process.
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
-        RequestIds {
-            prefix: u32::from_be_bytes(seed),
-            next: AtomicU64::new(1),
-        }
-    }
-}
-
-impl RequestIds {
-    fn next(&self) -> String {
-        format!(
-            "{:08x}-{:x}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
-    }
 }
 
 /// Whether a header is hop-by-hop (RFC 9110 section 7.6.1) and never forwarded as is.
@@ -143,10 +117,10 @@ impl Proxy {
                 if let Some(log) = log.take() {
                     log.failed(&e);
                 }
-                e.to_response(&id).map(ProxyBody::full)
+                e.to_response(id_str(&id)).map(ProxyBody::full)
             }
         };
-        resp.headers_mut().insert("x-request-id", id_header(&id));
+        resp.headers_mut().insert(&X_REQUEST_ID, id);
         resp
     }
 
@@ -175,7 +149,7 @@ impl Proxy {
             .map(|l| l.request_bytes.clone())
             .unwrap_or_default();
         if let Some(l) = log.as_ref() {
-            head.headers.insert("x-request-id", id_header(&l.id));
+            head.headers.insert(&X_REQUEST_ID, l.id.clone());
         }
         let head = Head {
             method: head.method,
