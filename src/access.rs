@@ -72,7 +72,7 @@ impl RequestIds {
 /// `A-Za-z0-9._:-`); anything else is replaced, so it cannot carry odd bytes into logs. The
 /// value itself is kept (a cheap clone), so a kept id costs no copy.
 pub fn request_id_of<B>(req: &Request<B>) -> Option<HeaderValue> {
-    let v = req.headers().get("x-request-id")?;
+    let v = req.headers().get(&X_REQUEST_ID)?;
     let b = v.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 128
@@ -80,6 +80,9 @@ pub fn request_id_of<B>(req: &Request<B>) -> Option<HeaderValue> {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
     ok.then(|| v.clone())
 }
+
+/// The request id header, sent upstream and back to the application.
+pub static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// An id as text: ids are checked or made of hex digits and '-', so always visible ASCII.
 pub fn id_str(id: &HeaderValue) -> &str {

@@ -11,7 +11,7 @@ use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::{id_str, request_id_of, Exchange, RequestIds};
+use crate::access::{id_str, request_id_of, Exchange, RequestIds, X_REQUEST_ID};
 use crate::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::config::UpstreamTarget;
 use crate::error::{find_tls_error, ProxyError};
@@ -23,8 +23,8 @@ use crate::upstream::conn::{Return, SendError};
 use crate::upstream::limit::{Limiter, Places};
 use crate::upstream::{tls, Upstream};
 
-/// The request id header, sent upstream and back to the application.
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The organisation header as a name made once (a `&str` key is parsed on every lookup).
+static ORG_HEADER_NAME: HeaderName = HeaderName::from_static(ORG_HEADER);
 
 /// Headers set on every forwarded request (`--add-header`), swapped when a value file changes.
 pub type AddedHeaders = Arc<ArcSwap<Vec<(HeaderName, HeaderValue)>>>;
@@ -138,7 +138,9 @@ impl Proxy {
             return Err(ProxyError::ConnectNotSupported);
         }
         self.gate.check(&req, &self.target)?;
-        let org = self.orgs.select(route, req.headers().get(ORG_HEADER))?;
+        let org = self
+            .orgs
+            .select(route, req.headers().get(&ORG_HEADER_NAME))?;
         if let Some(l) = log.as_mut() {
             l.organisation = org.organisation();
         }
@@ -277,7 +279,7 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         // Meant for the proxy: which identity to use.
-        parts.headers.remove(ORG_HEADER);
+        parts.headers.remove(&ORG_HEADER_NAME);
         // hyper's server already answered the application's Expect: 100-continue.
         parts.headers.remove(header::EXPECT);
         if wants_trailers {
