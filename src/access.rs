@@ -26,8 +26,11 @@ pub struct Exchange {
     pub identity: Option<Arc<crate::identity::Identity>>,
     /// The organisation the request was for (with several identities, or a CN business ID).
     pub organisation: Option<crate::business_id::BusinessId>,
-    /// Request body bytes sent upstream.
-    pub request_bytes: ByteCount,
+    /// Request body bytes sent upstream, when the body was read whole.
+    pub request_bytes: u64,
+    /// The count of a streamed request body, as it passes (none for bodies read whole, so
+    /// most requests need no shared counter).
+    pub streamed: Option<ByteCount>,
     metrics: Arc<Metrics>,
 }
 
@@ -100,7 +103,8 @@ impl Exchange {
             upstream_ms: None,
             identity: None,
             organisation: None,
-            request_bytes: ByteCount::default(),
+            request_bytes: 0,
+            streamed: None,
             metrics,
         }
     }
@@ -135,7 +139,11 @@ impl Exchange {
 
     /// The upstream's answer has ended (`complete`), or was cut off.
     pub fn finished(self, status: u16, response_bytes: u64, complete: bool) {
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let request_bytes = self.request_bytes
+            + self
+                .streamed
+                .as_ref()
+                .map_or(0, |c| c.load(Ordering::Relaxed));
         self.metrics
             .record(&self.method, status, self.started.elapsed().as_secs_f64());
         self.metrics.request_bytes.inc_by(request_bytes);

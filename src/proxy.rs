@@ -146,10 +146,6 @@ impl Proxy {
         }
 
         let (mut head, body) = self.rewrite(req).into_parts();
-        let counted = log
-            .as_ref()
-            .map(|l| l.request_bytes.clone())
-            .unwrap_or_default();
         if let Some(l) = log.as_ref() {
             head.headers.insert(&X_REQUEST_ID, l.id.clone());
         }
@@ -159,7 +155,13 @@ impl Proxy {
             headers: head.headers,
         };
         // Read before taking a place under the cap, so a slow client never holds one.
-        let body = read_small_body(body, counted).await?;
+        let body = read_small_body(body).await?;
+        if let Some(l) = log.as_mut() {
+            match &body {
+                RequestBody::Full(b) => l.request_bytes = b.as_ref().map_or(0, |b| b.len() as u64),
+                RequestBody::Stream(_, counted) => l.streamed = Some(counted.clone()),
+            }
+        }
         let permit = Places::acquire(&self.limiter, org.limiter.as_deref()).await?;
         // The snapshot is taken once the request may go: one that waited in the queue across
         // an identity swap goes out with the new identity, not on a retired pool.
@@ -374,7 +376,7 @@ const KEPT_BODY_MAX: u64 = 64 * 1024;
 /// How often a request refused unprocessed by an HTTP/2 server is sent again.
 const REFUSED_RETRIES: u32 = 3;
 
-async fn read_small_body(body: Incoming, counted: ByteCount) -> Result<RequestBody, ProxyError> {
+async fn read_small_body(body: Incoming) -> Result<RequestBody, ProxyError> {
     use http_body::Body as _;
     match body.size_hint().exact() {
         // No body at all (GET and friends): nothing to read.
@@ -385,11 +387,9 @@ async fn read_small_body(body: Incoming, counted: ByteCount) -> Result<RequestBo
                     "the request body ended early ({e}); nothing was sent upstream"
                 ))
             })?;
-            let bytes = collected.to_bytes();
-            counted.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            Ok(RequestBody::Full(Some(bytes)))
+            Ok(RequestBody::Full(Some(collected.to_bytes())))
         }
-        _ => Ok(RequestBody::Stream(body, counted)),
+        _ => Ok(RequestBody::Stream(body, ByteCount::default())),
     }
 }
 
