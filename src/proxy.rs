@@ -53,7 +53,7 @@ pub struct Proxy {
 
 /// Whether a header is hop-by-hop (RFC 9110 section 7.6.1) and never forwarded as is.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+    hop_by_hop_index(name).is_some()
 }
 
 /// The hop-by-hop headers of RFC 9110 section 7.6.1, plus the old `Proxy-Connection`.
@@ -68,13 +68,28 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Where a name is in `HOP_BY_HOP` (a match on the text: cheaper than comparing names).
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "proxy-authenticate" => Some(3),
+        "proxy-authorization" => Some(4),
+        "te" => Some(5),
+        "transfer-encoding" => Some(6),
+        "upgrade" => Some(7),
+        _ => None,
+    }
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Each removal hashes its name: look first (most messages carry none, or only
     // `Connection`), and remove only what is there.
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present[i] = true;
         }
     }
@@ -415,5 +430,8 @@ mod tests {
         none.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut none);
         assert_eq!(none.len(), 1);
+        for (i, n) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(n), Some(i));
+        }
     }
 }
