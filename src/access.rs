@@ -124,7 +124,7 @@ impl Exchange {
             .inc();
         tracing::warn!(
             target: "access",
-            request_id = id_str(&self.id),
+            request_id = %id_str(&self.id),
             method = %self.method,
             path = %self.uri.path(),
             status,
@@ -152,7 +152,7 @@ impl Exchange {
         if complete {
             tracing::info!(
                 target: "access",
-                request_id = fields.0, method = %fields.1, path = %fields.2, status,
+                request_id = %fields.0, method = %fields.1, path = %fields.2, status,
                 request_bytes, response_bytes, ms = self.ms(), upstream_ms = self.upstream_ms,
                 serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
                 organisation = self.organisation.as_ref().map(|o| o.as_str())
@@ -160,7 +160,7 @@ impl Exchange {
         } else {
             tracing::warn!(
                 target: "access",
-                request_id = fields.0, method = %fields.1, path = %fields.2, status,
+                request_id = %fields.0, method = %fields.1, path = %fields.2, status,
                 request_bytes, response_bytes, ms = self.ms(), upstream_ms = self.upstream_ms,
                 serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
                 organisation = self.organisation.as_ref().map(|o| o.as_str()),
