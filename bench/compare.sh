@@ -41,8 +41,11 @@ mk() { # name subject extension
 mk server "/CN=localhost" "subjectAltName=DNS:localhost"
 mk client "/CN=1234567-1/O=Bench Oy/C=FI" "extendedKeyUsage=clientAuth"
 cat client.pem client.key > client-combined.pem
-head -c 2048 /dev/zero | tr '\0' 'x' > 2k
-head -c 1048576 /dev/zero | tr '\0' 'x' > 1m
+# The answers live apart from the identity files: vero-proxy watches its certificate's directory,
+# and an upstream opening files there on every request would wake that watch each time.
+mkdir -m 755 www
+head -c 2048 /dev/zero | tr '\0' 'x' > www/2k
+head -c 1048576 /dev/zero | tr '\0' 'x' > www/1m
 
 base=$((20000 + RANDOM % 20000))
 UP=$base P_NGINX=$((base + 1)) P_HAPROXY=$((base + 2)) P_STUNNEL=$((base + 3)) P_OURS=$((base + 4)) P_OURS2=$((base + 5))
@@ -57,8 +60,8 @@ http { access_log off; $(temps up) keepalive_requests 10000000;
   server { listen 127.0.0.1:$UP ssl http2; ssl_protocols TLSv1.3;
     ssl_certificate $work/server.pem; ssl_certificate_key $work/server.key;
     ssl_client_certificate $work/ca.pem; ssl_verify_client on;
-    location /2k { default_type application/json; root $work; try_files /2k =404; }
-    location /1m { default_type application/json; root $work; try_files /1m =404; } } }
+    location /2k { default_type application/json; root $work/www; try_files /2k =404; }
+    location /1m { default_type application/json; root $work/www; try_files /1m =404; } } }
 NGINX
 taskset -c 1 nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
 

@@ -2,6 +2,7 @@
 //! authentication: a page in a browser on the same machine can reach 127.0.0.1 (cross-site form
 //! posts, DNS rebinding), and everything that passes is signed with the organisation's certificate.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::net::IpAddr;
 
@@ -18,15 +19,23 @@ pub struct Gate {
     listen_ip: Option<IpAddr>,
 }
 
-/// The host part of an authority, lower case, without brackets, port or trailing dot.
-fn host_of(authority: &Authority) -> String {
-    authority
+/// The host part of an authority, lower case, without brackets, port or trailing dot (copied
+/// only when it has upper-case letters).
+fn host_of(authority: &Authority) -> Cow<'_, str> {
+    let host = authority
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']')
-        .trim_end_matches('.')
-        .to_ascii_lowercase()
+        .trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
+
+/// Browsers' `Sec-Fetch-Site` request header.
+static SEC_FETCH_SITE: header::HeaderName = header::HeaderName::from_static("sec-fetch-site");
 
 impl Gate {
     /// A gate that admits localhost, every loopback address, the listen address and `extra`.
@@ -42,13 +51,13 @@ impl Gate {
 
     /// Whether `host` (no port) is a name the proxy answers to.
     pub fn allows_host(&self, host: &str) -> bool {
-        if self.names.contains(host) || host.ends_with(".localhost") {
-            return true;
+        // An address first: the usual Host (127.0.0.1) is settled without hashing the name.
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            if crate::config::is_loopback(ip) || Some(ip) == self.listen_ip {
+                return true;
+            }
         }
-        match host.parse::<IpAddr>() {
-            Ok(ip) => crate::config::is_loopback(ip) || Some(ip) == self.listen_ip,
-            Err(_) => false,
-        }
+        self.names.contains(host) || host.ends_with(".localhost")
     }
 
     /// Refuses CONNECT-like misuse, foreign authorities, unknown Host names and cross-site requests.
@@ -57,7 +66,7 @@ impl Gate {
         let mut host_checked = false;
         if let Some(auth) = req.uri().authority() {
             let host = host_of(auth);
-            let upstream = host == target.host.to_ascii_lowercase()
+            let upstream = host.eq_ignore_ascii_case(&target.host)
                 && auth.port_u16().is_none_or(|p| p == target.port || p == 80);
             if req.version() != http::Version::HTTP_2 && !upstream && !self.allows_host(&host) {
                 return Err(ProxyError::ForeignAuthority {
@@ -83,7 +92,7 @@ impl Gate {
                 }
             }
         }
-        if let Some(site) = req.headers().get("sec-fetch-site") {
+        if let Some(site) = req.headers().get(&SEC_FETCH_SITE) {
             if site.as_bytes().eq_ignore_ascii_case(b"cross-site") {
                 return Err(ProxyError::CrossSiteRequest(
                     "a web browser sent this request from another site (Sec-Fetch-Site: cross-site); \
@@ -97,8 +106,7 @@ impl Gate {
             let allowed = raw
                 .parse::<http::Uri>()
                 .ok()
-                .and_then(|u| u.authority().map(host_of))
-                .is_some_and(|h| self.allows_host(&h));
+                .is_some_and(|u| u.authority().is_some_and(|a| self.allows_host(&host_of(a))));
             if !allowed {
                 return Err(ProxyError::CrossSiteRequest(format!(
                     "a web page from origin {raw:?} sent this request; vero-proxy serves local \

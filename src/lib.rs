@@ -18,6 +18,7 @@ pub mod demo;
 pub mod error;
 pub mod gate;
 pub mod identity;
+pub mod log_time;
 pub mod metrics;
 pub mod orgs;
 pub mod per_identity;

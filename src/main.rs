@@ -25,6 +25,7 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
     // Colours only for a person at a terminal, never into journald, docker logs or files.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_timer(vero_proxy::log_time::Utc)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     match format {

@@ -2,6 +2,7 @@
 //! state (identity times, queue, in flight) read at scrape time.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -74,6 +75,10 @@ pub struct Metrics {
     pub next_identity_state: Family<OrgLabel, Gauge>,
     /// Automatic renewals, by result.
     pub renewals: Family<ReloadResult, Counter>,
+    /// The `requests` counter of each (method, status class), taken from the family at first
+    /// use: `get_or_create` hashes the labels under a lock, on every request otherwise. A series
+    /// still appears only once counted.
+    request_counters: [OnceLock<Counter>; METHOD_LABELS.len() * STATUS_CLASSES.len()],
 }
 
 impl Default for Metrics {
@@ -102,6 +107,7 @@ impl Metrics {
             renewal_state: Family::default(),
             next_identity_state: Family::default(),
             renewals: Family::default(),
+            request_counters: std::array::from_fn(|_| OnceLock::new()),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -193,42 +199,69 @@ impl Metrics {
 
     /// Counts one answered request.
     pub fn record(&self, method: &http::Method, status: u16, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                method: method_label(method),
-                status_class: status_class(status),
+        let (m, c) = (method_index(method), status_index(status));
+        self.request_counters[m * STATUS_CLASSES.len() + c]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        method: METHOD_LABELS[m],
+                        status_class: STATUS_CLASSES[c],
+                    })
+                    .clone()
             })
             .inc();
         self.duration.observe(seconds);
     }
 }
 
-/// The method as a label: the standard ones by name, anything else `other` (unbounded label
-/// values would let any client grow the metrics without limit).
-pub fn method_label(m: &http::Method) -> &'static str {
-    match m.as_str() {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "PATCH" => "PATCH",
-        "OPTIONS" => "OPTIONS",
-        "CONNECT" => "CONNECT",
-        "TRACE" => "TRACE",
-        _ => "other",
-    }
+/// Method labels: the standard methods by name, anything else `other` (unbounded label values
+/// would let any client grow the metrics without limit).
+const METHOD_LABELS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "other",
+];
+
+/// Status class labels.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn method_index(m: &http::Method) -> usize {
+    METHOD_LABELS[..METHOD_LABELS.len() - 1]
+        .iter()
+        .position(|l| *l == m.as_str())
+        .unwrap_or(METHOD_LABELS.len() - 1)
 }
 
-fn status_class(s: u16) -> &'static str {
+/// The method as a label.
+pub fn method_label(m: &http::Method) -> &'static str {
+    METHOD_LABELS[method_index(m)]
+}
+
+fn status_index(s: u16) -> usize {
     match s / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
+        1..=4 => usize::from(s / 100 - 1),
+        _ => 4,
     }
 }
 
 /// A byte counter shared between a body and whoever reports on it.
 pub type ByteCount = std::sync::Arc<AtomicU64>;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_method_and_status_class() {
+        let m = Metrics::new();
+        m.record(&http::Method::GET, 200, 0.01);
+        m.record(&http::Method::GET, 204, 0.01);
+        m.record(&http::Method::from_bytes(b"PURGE").unwrap(), 503, 0.01);
+        m.record(&http::Method::POST, 99, 0.01);
+        let text = m.encode();
+        assert!(text.contains(r#"vero_proxy_requests_total{method="GET",status_class="2xx"} 2"#));
+        assert!(text.contains(r#"vero_proxy_requests_total{method="other",status_class="5xx"} 1"#));
+        assert!(text.contains(r#"vero_proxy_requests_total{method="POST",status_class="5xx"} 1"#));
+        assert!(!text.contains(r#"status_class="4xx""#));
+        assert_eq!(method_label(&http::Method::TRACE), "TRACE");
+    }
+}

@@ -1,7 +1,6 @@
 //! The request service: refuse what must not pass, rewrite URI and headers, forward under the
 //! concurrency cap, and turn every failure into the proxy's JSON answer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,7 +11,7 @@ use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::{id_header, request_id_of, Exchange};
+use crate::access::{id_str, request_id_of, Exchange, RequestIds, X_REQUEST_ID};
 use crate::body::{ProxyBody, RequestBody, UpstreamBody};
 use crate::config::UpstreamTarget;
 use crate::error::{find_tls_error, ProxyError};
@@ -23,6 +22,9 @@ use crate::orgs::{Orgs, Route, ORG_HEADER};
 use crate::upstream::conn::{Return, SendError};
 use crate::upstream::limit::{Limiter, Places};
 use crate::upstream::{tls, Upstream};
+
+/// The organisation header as a name made once (a `&str` key is parsed on every lookup).
+static ORG_HEADER_NAME: HeaderName = HeaderName::from_static(ORG_HEADER);
 
 /// Headers set on every forwarded request (`--add-header`), swapped when a value file changes.
 pub type AddedHeaders = Arc<ArcSwap<Vec<(HeaderName, HeaderValue)>>>;
@@ -49,65 +51,69 @@ pub struct Proxy {
     pub ids: RequestIds,
 }
 
-/// Makes request ids: a random per-process prefix and a counter.
-pub struct RequestIds {
-    prefix: u32,
-    next: AtomicU64,
-}
-
-impl Default for RequestIds {
-    fn default() -> Self {
-        let mut seed = [0u8; 4];
-        // An id prefix that differs between restarts; a fixed one is still unique per process.
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
-        RequestIds {
-            prefix: u32::from_be_bytes(seed),
-            next: AtomicU64::new(1),
-        }
-    }
-}
-
-impl RequestIds {
-    fn next(&self) -> String {
-        format!(
-            "{:08x}-{:x}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-}
-
 /// Whether a header is hop-by-hop (RFC 9110 section 7.6.1) and never forwarded as is.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+    hop_by_hop_index(name).is_some()
 }
 
 /// The hop-by-hop headers of RFC 9110 section 7.6.1, plus the old `Proxy-Connection`.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+/// Where a name is in `HOP_BY_HOP` (a match on the text: cheaper than comparing names).
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "proxy-authenticate" => Some(3),
+        "proxy-authorization" => Some(4),
+        "te" => Some(5),
+        "transfer-encoding" => Some(6),
+        "upgrade" => Some(7),
+        _ => None,
+    }
+}
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Each removal hashes its name: look first (most messages carry none, or only
+    // `Connection`), and remove only what is there.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
+        return;
+    }
+    // Names that `Connection` lists and the message carries ("close" or "keep-alive" usually
+    // name no header: nothing to allocate for them).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| headers.contains_key(*n))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
         headers.remove(n);
     }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
+    for (n, there) in HOP_BY_HOP.iter().zip(present) {
+        if there {
+            headers.remove(n);
+        }
     }
 }
 
@@ -126,10 +132,10 @@ impl Proxy {
                 if let Some(log) = log.take() {
                     log.failed(&e);
                 }
-                e.to_response(&id).map(ProxyBody::full)
+                e.to_response(id_str(&id)).map(ProxyBody::full)
             }
         };
-        resp.headers_mut().insert("x-request-id", id_header(&id));
+        resp.headers_mut().insert(&X_REQUEST_ID, id);
         resp
     }
 
@@ -147,18 +153,16 @@ impl Proxy {
             return Err(ProxyError::ConnectNotSupported);
         }
         self.gate.check(&req, &self.target)?;
-        let org = self.orgs.select(route, req.headers().get_all(ORG_HEADER))?;
+        let org = self
+            .orgs
+            .select(route, req.headers().get_all(&ORG_HEADER_NAME))?;
         if let Some(l) = log.as_mut() {
             l.organisation = org.organisation();
         }
 
         let (mut head, body) = self.rewrite(req).into_parts();
-        let counted = log
-            .as_ref()
-            .map(|l| l.request_bytes.clone())
-            .unwrap_or_default();
         if let Some(l) = log.as_ref() {
-            head.headers.insert("x-request-id", id_header(&l.id));
+            head.headers.insert(&X_REQUEST_ID, l.id.clone());
         }
         let head = Head {
             method: head.method,
@@ -166,7 +170,13 @@ impl Proxy {
             headers: head.headers,
         };
         // Read before taking a place under the cap, so a slow client never holds one.
-        let body = read_small_body(body, counted).await?;
+        let body = read_small_body(body).await?;
+        if let Some(l) = log.as_mut() {
+            match &body {
+                RequestBody::Full(b) => l.request_bytes = b.as_ref().map_or(0, |b| b.len() as u64),
+                RequestBody::Stream(_, counted) => l.streamed = Some(counted.clone()),
+            }
+        }
         let permit = Places::acquire(&self.limiter, org.limiter.as_deref()).await?;
         // The snapshot is taken once the request may go: one that waited in the queue across
         // an identity swap goes out with the new identity, not on a retired pool.
@@ -286,7 +296,7 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         // Meant for the proxy: which identity to use.
-        parts.headers.remove(ORG_HEADER);
+        parts.headers.remove(&ORG_HEADER_NAME);
         // hyper's server already answered the application's Expect: 100-continue.
         parts.headers.remove(header::EXPECT);
         if wants_trailers {
@@ -381,7 +391,7 @@ const KEPT_BODY_MAX: u64 = 64 * 1024;
 /// How often a request refused unprocessed by an HTTP/2 server is sent again.
 const REFUSED_RETRIES: u32 = 3;
 
-async fn read_small_body(body: Incoming, counted: ByteCount) -> Result<RequestBody, ProxyError> {
+async fn read_small_body(body: Incoming) -> Result<RequestBody, ProxyError> {
     use http_body::Body as _;
     match body.size_hint().exact() {
         // No body at all (GET and friends): nothing to read.
@@ -392,10 +402,36 @@ async fn read_small_body(body: Incoming, counted: ByteCount) -> Result<RequestBo
                     "the request body ended early ({e}); nothing was sent upstream"
                 ))
             })?;
-            let bytes = collected.to_bytes();
-            counted.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            Ok(RequestBody::Full(Some(bytes)))
+            Ok(RequestBody::Full(Some(collected.to_bytes())))
         }
-        _ => Ok(RequestBody::Stream(body, counted)),
+        _ => Ok(RequestBody::Stream(body, ByteCount::default())),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-secret, keep-alive"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        let mut none = HeaderMap::new();
+        none.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut none);
+        assert_eq!(none.len(), 1);
+        for (i, n) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(n), Some(i));
+        }
     }
 }

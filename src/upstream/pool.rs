@@ -171,7 +171,10 @@ impl Pool {
         };
         match self.wait_for_slot(wait).await {
             Ok(Err(idle)) => Ok(idle),
-            Ok(Ok(slot)) => Inner::connect_with(&self.inner, slot).await,
+            // Boxed: the handshake's state (rustls connection, resolver, TCP connect) is large
+            // and needed only now and then; inline, every request's future would carry and
+            // copy it.
+            Ok(Ok(slot)) => Box::pin(Inner::connect_with(&self.inner, slot)).await,
             Err(e) => {
                 self.inner.end_h2_connect();
                 Err(e)
@@ -185,7 +188,7 @@ impl Pool {
         let slot = self
             .wait_for_slot(async { limit.acquire().await.ok_or(ProxyError::ShuttingDown) })
             .await?;
-        Inner::connect_with(&self.inner, slot).await
+        Box::pin(Inner::connect_with(&self.inner, slot)).await
     }
 
     async fn wait_for_slot<T>(
