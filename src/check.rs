@@ -12,6 +12,12 @@ use crate::config::{Config, IdentityConfig};
 use crate::identity::{self, rfc3339, IdentitySource, RenewalState, Thresholds};
 use crate::upstream::{tls, UpstreamFactory};
 
+/// Prints one line of the report; a reader that went away (`| head`) is not an error.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 /// Collects the report's lines and whether anything failed.
 #[derive(Default)]
 struct Report {
@@ -20,17 +26,17 @@ struct Report {
 
 impl Report {
     fn ok(&self, what: &str) {
-        println!("ok       {what}");
+        say(&format!("ok       {what}"));
     }
     fn warn(&self, what: &str) {
-        println!("warning  {what}");
+        say(&format!("warning  {what}"));
     }
     fn error(&mut self, what: &str) {
         self.failed = true;
-        println!("error    {what}");
+        say(&format!("error    {what}"));
     }
     fn info(&self, what: &str) {
-        println!("         {what}");
+        say(&format!("         {what}"));
     }
 }
 
@@ -84,7 +90,7 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<bool> {
                 ));
             }
             for name in names {
-                println!("\n{name}:");
+                say(&format!("\n{name}:"));
                 let id = match name.parse::<crate::business_id::BusinessId>() {
                     Ok(id) => id,
                     Err(e) => {
