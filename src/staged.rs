@@ -224,8 +224,10 @@ impl Staged {
 
     async fn run(self: Arc<Self>) {
         loop {
-            self.renew_if_due().await;
-            self.evaluate().await;
+            // Boxed: while it sleeps, each of a thousand organisations' tasks then holds only its
+            // small loop, not the state of a renewal or a probe (several KiB each).
+            Box::pin(self.renew_if_due()).await;
+            Box::pin(self.evaluate()).await;
             self.looked.send_modify(|n| *n += 1);
             // Wake for a renewal retry when it is due, not only on the check interval.
             let mut pause = self.parts.cfg.check_interval;
