@@ -68,6 +68,9 @@ pub struct Reloader {
     /// A staged identity put into service: it is used instead of the files while it expires
     /// later than they do (until the files are promoted to it, or renewed again).
     preferred: arc_swap::ArcSwapOption<Identity>,
+    /// Content hash of the files as last loaded, for the poll to compare with: the identity in
+    /// service may be an activated staged one, whose hash the files never have.
+    files_hash: Mutex<[u8; 32]>,
 }
 
 /// Pauses between attempts at a pair that does not load (a cert written before its key).
@@ -88,6 +91,7 @@ impl Reloader {
         metrics: Arc<Metrics>,
         thresholds: Thresholds,
     ) -> Self {
+        let files_hash = shared.load().identity.content_hash;
         Reloader {
             source,
             shared,
@@ -101,6 +105,7 @@ impl Reloader {
             thresholds,
             organisation: None,
             preferred: Default::default(),
+            files_hash: Mutex::new(files_hash),
         }
     }
 
@@ -134,10 +139,10 @@ impl Reloader {
         &self.source
     }
 
-    /// Whether the files differ from the identity in service (for the poll trigger).
+    /// Whether the files differ from what they held at the last load (for the poll trigger).
     pub fn files_changed(&self) -> bool {
-        identity::load::content_hash(&self.source)
-            .is_some_and(|h| h != self.shared.load().identity.content_hash)
+        let last = self.files_hash.lock().map(|h| *h).ok();
+        identity::load::content_hash(&self.source).is_some_and(|h| Some(h) != last)
     }
 
     /// Reads the files again and puts a new identity in service if they hold one.
@@ -221,6 +226,9 @@ impl Reloader {
                 }
             }
         };
+        if let Ok(mut h) = self.files_hash.lock() {
+            *h = ident.content_hash;
+        }
         if let Err(e) = check_organisation(self.organisation, &ident) {
             tracing::error!(%trigger, "identity reload rejected, the identity in service stays: {e}");
             return Outcome::Failed(e);
