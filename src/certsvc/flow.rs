@@ -150,20 +150,21 @@ pub async fn request(
     resume_hint: &str,
 ) -> Result<Issued, FlowError> {
     let id = business_id(customer)?;
-    let key = NewKey::generate()?;
-    let csr = key.csr(&id, customer.customer_name.as_deref())?;
-    let element = xml::sign_new_request(customer, &transfer.id, &transfer.password, &csr)?;
-    let key_path = keys::write_key(out, &key)?;
-    let retrieval_id = send(svc, Operation::SignNew, &element, &key_path).await?;
-    finish(
+    submit(
         svc,
         customer,
-        &key,
+        &id,
+        Operation::SignNew,
         out,
-        retrieval_id,
-        key_path,
-        true,
         resume_hint,
+        |csr| {
+            Ok(xml::sign_new_request(
+                customer,
+                &transfer.id,
+                &transfer.password,
+                csr,
+            )?)
+        },
     )
     .await
 }
@@ -181,30 +182,52 @@ pub async fn renew(
 ) -> Result<Issued, FlowError> {
     renewable(current, now)?;
     let id = business_id(customer)?;
-    let cn = current
-        .certified_key
-        .cert
-        .first()
-        .and_then(|c| common_name(c));
-    if cn.as_deref() != Some(id.as_str()) {
+    if current.info.organisation != Some(id) {
         return Err(FlowError::NotRenewable(format!(
             "the current certificate ({}) is not for --customer-id {id}: the service renews only \
              a certificate whose CN is the business ID",
             current.info.who()
         )));
     }
-    let key = NewKey::generate()?;
-    let csr = key.csr(&id, customer.customer_name.as_deref())?;
-    let unsigned = xml::renew_request_unsigned(customer, &csr)?;
     let chain = &current.certified_key.cert;
-    let signed = super::dsig::sign_enveloped(
-        &unsigned,
-        current.certified_key.key.as_ref(),
-        &chain[..1.min(chain.len())],
+    submit(
+        svc,
+        customer,
+        &id,
+        Operation::Renew,
+        out,
+        resume_hint,
+        |csr| {
+            let unsigned = xml::renew_request_unsigned(customer, csr)?;
+            super::dsig::sign_enveloped(
+                &unsigned,
+                current.certified_key.key.as_ref(),
+                &chain[..1.min(chain.len())],
+            )
+            .map_err(|e| FlowError::NotRenewable(format!("cannot sign the renewal request: {e}")))
+        },
     )
-    .map_err(|e| FlowError::NotRenewable(format!("cannot sign the renewal request: {e}")))?;
+    .await
+}
+
+/// The part of [`request`] and [`renew`] after the checks: a new key and its CSR, the request
+/// element `element` makes of the CSR, the key written to `out` before anything is sent, then
+/// the call and the retrieval.
+async fn submit(
+    svc: &Service,
+    customer: &Customer,
+    id: &BusinessId,
+    op: Operation,
+    out: &Path,
+    resume_hint: &str,
+    element: impl FnOnce(&[u8]) -> Result<String, FlowError>,
+) -> Result<Issued, FlowError> {
+    let key = NewKey::generate()?;
+    let csr = key.csr(id, customer.customer_name.as_deref())?;
+    let element = element(&csr)?;
     let key_path = keys::write_key(out, &key)?;
-    let retrieval_id = send(svc, Operation::Renew, &signed, &key_path).await?;
+    let retrieval_id = send(svc, op, &element, &key_path).await?;
+    let transfer_ids_used = matches!(op, Operation::SignNew);
     finish(
         svc,
         customer,
@@ -212,7 +235,7 @@ pub async fn renew(
         out,
         retrieval_id,
         key_path,
-        false,
+        transfer_ids_used,
         resume_hint,
     )
     .await
@@ -249,18 +272,15 @@ pub fn customer_of(
     current: &Identity,
     customer_name: Option<String>,
 ) -> Result<Customer, FlowError> {
-    let cn = current
-        .certified_key
-        .cert
-        .first()
-        .and_then(|c| common_name(c))
-        .ok_or_else(|| {
-            FlowError::NotRenewable(format!(
-                "the current certificate ({}) has no CN to use as the business ID",
-                current.info.who()
-            ))
-        })?;
-    let id: BusinessId = cn.parse()?;
+    // The CN, read once when the identity was loaded; a CN that is not a business ID is as
+    // useless here as none.
+    let id = current.info.organisation.ok_or_else(|| {
+        FlowError::NotRenewable(format!(
+            "the current certificate ({}) has no business ID in its CN: the certificate service \
+             renews only a certificate whose CN is the business ID",
+            current.info.who()
+        ))
+    })?;
     Ok(Customer {
         environment,
         customer_id: id.to_string(),
@@ -321,14 +341,6 @@ async fn send(
         }),
         other => other,
     }
-}
-
-/// The subject CN of a DER certificate.
-fn common_name(der: &[u8]) -> Option<String> {
-    use x509_parser::prelude::FromDer;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
-    cn.as_str().ok().map(str::to_string)
 }
 
 fn accepted(answer: super::answer::Answer) -> Result<String, FlowError> {
