@@ -275,13 +275,12 @@ pub fn check_organisation(
     match ident.info.organisation {
         Some(cn) if cn == dir => Ok(()),
         Some(cn) => Err(format!(
-            "the certificate in {}'s directory is {}'s (CN={cn}); requests for {dir} must not go out \
-             as another organisation: put it in {cn}/",
-            dir, cn
+            "the certificate ({}) is not {dir}'s but {cn}'s: requests for {dir} must never go out \
+             as another organisation",
+            ident.info.subject
         )),
         None => Err(format!(
-            "the certificate in {dir}'s directory ({}) names no business ID in its CN, so it cannot be \
-             told to be {dir}'s",
+            "the certificate ({}) names no business ID in its CN, so it cannot be told to be {dir}'s",
             ident.info.subject
         )),
     }

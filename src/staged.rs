@@ -542,11 +542,8 @@ impl Staged {
         cur: &crate::identity::CertInfo,
     ) -> Option<String> {
         match self.organisation.or(cur.organisation) {
-            Some(want) if next.info.organisation != Some(want) => Some(format!(
-                "it is not {want}'s certificate ({}); a renewal keeps the business ID",
-                next.info.subject
-            )),
-            Some(_) => None,
+            // The same rule as for the files of an organisation's directory.
+            Some(want) => crate::reload::check_organisation(Some(want), next).err(),
             None if next.info.subject != cur.subject => Some(format!(
                 "its subject ({}) differs from the identity in service ({}); a renewal keeps it",
                 next.info.subject, cur.subject
