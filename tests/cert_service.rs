@@ -617,6 +617,21 @@ async fn the_stand_in_rejects_missing_bad_and_foreign_renewal_signatures() {
     let r = answer_of(&lab.svc, Operation::Renew, &body);
     assert!(r.contains("RENEW_TOO_EARLY"), "{r}");
 
+    // Signed with the customer's own current certificate, but naming another business ID.
+    let another = Customer {
+        customer_id: "1572860-0".into(),
+        ..customer()
+    };
+    let theirs = dsig::sign_enveloped(
+        &xml::renew_request_unsigned(&another, &csr).unwrap(),
+        cur.certified_key.key.as_ref(),
+        &cur.certified_key.cert[..1],
+    )
+    .unwrap();
+    let (_, body) = lab.svc.handle("renewCertificate", &xml::envelope(&theirs));
+    let r = answer_of(&lab.svc, Operation::Renew, &body);
+    assert!(r.contains("CUSTOMER_MISMATCH"), "{r}");
+
     // A good one is accepted.
     let (_, body) = lab
         .svc

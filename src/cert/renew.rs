@@ -119,7 +119,7 @@ fn not_due(current: &Identity, out: &Path, now: SystemTime) -> Option<String> {
             ));
         }
     }
-    let opens = current.info.not_after - certsvc::flow::RENEWAL_WINDOW_DAYS * 86_400;
+    let opens = certsvc::flow::renewal_opens(&current.info);
     (unix(now) < opens).then(|| {
         format!(
             "{} is valid until {}; renewal is due from {} (--if-due: nothing to do yet)",

@@ -11,7 +11,7 @@ use super::client::{Service, ServiceError};
 use super::keys::{self, KeyError, NewKey, CERT_FILE, KEY_FILE};
 use super::xml::{self, Customer, FieldError, Operation};
 use crate::business_id::{BusinessId, BusinessIdError};
-use crate::identity::{rfc3339, unix, Identity};
+use crate::identity::{rfc3339, unix, CertInfo, Identity};
 
 /// Renewal is accepted from this many days before the current certificate's notAfter.
 pub const RENEWAL_WINDOW_DAYS: i64 = 60;
@@ -288,6 +288,12 @@ pub fn customer_of(
     })
 }
 
+/// When the certificate service starts accepting a renewal of `cert` (Unix seconds):
+/// [`RENEWAL_WINDOW_DAYS`] before its notAfter.
+pub fn renewal_opens(cert: &CertInfo) -> i64 {
+    cert.not_after - RENEWAL_WINDOW_DAYS * 86_400
+}
+
 /// Whether `current` may be renewed at `now`; the refusal says why and when.
 pub fn renewable(current: &Identity, now: SystemTime) -> Result<(), FlowError> {
     let t = unix(now);
@@ -299,7 +305,7 @@ pub fn renewable(current: &Identity, now: SystemTime) -> Result<(), FlowError> {
             rfc3339(current.info.not_after)
         )));
     }
-    let opens = current.info.not_after - RENEWAL_WINDOW_DAYS * 86_400;
+    let opens = renewal_opens(&current.info);
     if t < opens {
         return Err(FlowError::NotRenewable(format!(
             "the certificate ({}) is valid until {}; the certificate service renews only from {} days \

@@ -130,16 +130,7 @@ pub(super) fn operate(
                 ));
             }
             st.used.push(id);
-            let csr = check_csr(&get("CertificateRequest"))?;
-            Ok((
-                Some(new_retrieval(
-                    st,
-                    csr,
-                    get("CustomerId"),
-                    f.get("CustomerName").cloned(),
-                )),
-                None,
-            ))
+            accept(st, f)
         }
         Operation::Renew => {
             let signer = match dsig::verify_enveloped(
@@ -169,29 +160,20 @@ pub(super) fn operate(
                 Ok(i) => i,
                 Err(e) => return Err(err("SIGNATURE_INVALID", &e.to_string())),
             };
-            if !info.subject.contains(&format!("CN={}", get("CustomerId"))) {
+            if info.organisation.map(|o| o.to_string()) != Some(get("CustomerId")) {
                 return Err(err(
                     "CUSTOMER_MISMATCH",
                     "The signing certificate is not the customer's.",
                 ));
             }
             let now = crate::identity::unix(std::time::SystemTime::now());
-            if info.not_after - now > crate::certsvc::flow::RENEWAL_WINDOW_DAYS * 86_400 {
+            if now < crate::certsvc::flow::renewal_opens(&info) {
                 return Err(err(
                     "RENEW_TOO_EARLY",
                     "The certificate can be renewed only during the last 60 days of its validity.",
                 ));
             }
-            let csr = check_csr(&get("CertificateRequest"))?;
-            Ok((
-                Some(new_retrieval(
-                    st,
-                    csr,
-                    get("CustomerId"),
-                    f.get("CustomerName").cloned(),
-                )),
-                None,
-            ))
+            accept(st, f)
         }
         Operation::Get => {
             let ready_after = st.settings.polls_before_ready;
@@ -226,6 +208,14 @@ pub(super) fn operate(
             Ok((None, p.issued.as_ref().map(|c| c.to_vec())))
         }
     }
+}
+
+/// SignNew or Renew once its own checks pass: the CSR checked and a retrieval opened.
+fn accept(st: &mut State, f: &Fields) -> Outcome {
+    let csr = check_csr(f.get("CertificateRequest").map_or("", String::as_str))?;
+    let customer_id = f.get("CustomerId").cloned().unwrap_or_default();
+    let id = new_retrieval(st, csr, customer_id, f.get("CustomerName").cloned());
+    Ok((Some(id), None))
 }
 
 fn new_retrieval(
