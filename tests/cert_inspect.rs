@@ -21,6 +21,19 @@ struct Run {
 }
 
 impl Run {
+    /// Asserts that the output holds `text`, showing the output when it does not.
+    #[track_caller]
+    fn shows(&self, text: &str) {
+        assert!(self.stdout.contains(text), "{}", self.stdout);
+    }
+
+    /// Asserts the exit status, then that the output holds `text`.
+    #[track_caller]
+    fn says(&self, code: i32, text: &str) {
+        assert_eq!(self.code, code, "{}", self.stdout);
+        self.shows(text);
+    }
+
     fn json(&self) -> Value {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("--json output is not JSON ({e}):\n{}", self.stdout))
@@ -142,20 +155,10 @@ async fn fail_within_makes_an_open_window_exit_1_and_closing_soon_is_named() {
         0
     );
     let run = inspect(&["--fail-within", "60", &s(&soon)], &[]).await;
-    assert_eq!(run.code, 1, "{}", run.stdout);
-    assert!(
-        run.stdout.contains("within 60 days (--fail-within)"),
-        "{}",
-        run.stdout
-    );
+    run.says(1, "within 60 days (--fail-within)");
 
     let run = inspect(&[&s(&critical)], &[]).await;
-    assert_eq!(run.code, 0, "{}", run.stdout);
-    assert!(
-        run.stdout.contains("closing soon: 10 days left"),
-        "{}",
-        run.stdout
-    );
+    run.says(0, "closing soon: 10 days left");
 }
 
 #[tokio::test]
@@ -166,19 +169,9 @@ async fn expired_and_not_yet_valid_certificates_exit_1_with_the_reason() {
     let future = client_for(&pki, dir.path(), "future", 5, 700);
 
     let run = inspect(&[&s(&expired)], &[]).await;
-    assert_eq!(run.code, 1, "{}", run.stdout);
-    assert!(
-        run.stdout.contains("renewal       expired on "),
-        "{}",
-        run.stdout
-    );
-    assert!(run.stdout.contains("new transfer IDs"), "{}", run.stdout);
-    assert!(
-        run.stdout
-            .contains("problem: leaf certificate CN=1234567-8"),
-        "{}",
-        run.stdout
-    );
+    run.says(1, "renewal       expired on ");
+    run.shows("new transfer IDs");
+    run.shows("problem: leaf certificate CN=1234567-8");
 
     let run = inspect(&["--json", &s(&future)], &[]).await;
     assert_eq!(run.code, 1);
@@ -204,12 +197,7 @@ async fn a_matching_key_passes_and_the_key_of_another_pair_fails() {
     let other_key = s(&dir.path().join("other.key"));
 
     let run = inspect(&["--key", &my_key, &s(&mine)], &[]).await;
-    assert_eq!(run.code, 0, "{}", run.stdout);
-    assert!(
-        run.stdout.contains(&format!("the key in {my_key} matches")),
-        "{}",
-        run.stdout
-    );
+    run.says(0, &format!("the key in {my_key} matches"));
 
     let run = inspect(&["--json", "--key", &other_key, &s(&mine)], &[]).await;
     assert_eq!(run.code, 1, "{}", run.stdout);
@@ -267,8 +255,7 @@ async fn pkcs12_opens_with_a_password_file_or_the_environment_and_names_a_wrong_
         &[("VERO_PROXY_PKCS12_PASSWORD", "fixture-pass")],
     )
     .await;
-    assert_eq!(run.code, 0, "{}", run.stdout);
-    assert!(run.stdout.contains("CN=7654321-9"), "{}", run.stdout);
+    run.says(0, "CN=7654321-9");
 
     std::fs::write(&pw, "wrong\n").unwrap();
     let run = inspect(
@@ -287,11 +274,7 @@ async fn pkcs12_opens_with_a_password_file_or_the_environment_and_names_a_wrong_
 
     let run = inspect(&[&fixture("modern.p12")], &[]).await;
     assert_eq!(run.code, 1);
-    assert!(
-        run.stdout.contains("--pkcs12-password-file"),
-        "{}",
-        run.stdout
-    );
+    run.shows("--pkcs12-password-file");
 }
 
 #[tokio::test]
@@ -305,9 +288,8 @@ async fn an_identity_directory_as_a_kubernetes_secret_mounts_it() {
     std::fs::write(secret.join("tls.crt"), chain).unwrap();
     std::fs::copy(dir.path().join("c.key"), secret.join("tls.key")).unwrap();
     let run = inspect(&[&s(&secret)], &[]).await;
-    assert_eq!(run.code, 0, "{}", run.stdout);
-    assert!(run.stdout.contains("(identity-dir)"), "{}", run.stdout);
-    assert!(run.stdout.contains("tls.key matches"), "{}", run.stdout);
+    run.says(0, "(identity-dir)");
+    run.shows("tls.key matches");
     assert!(
         run.stdout.contains("chain sent    1. CN=inspect CA")
             && run.stdout.contains("issued the one before"),
@@ -333,12 +315,7 @@ async fn an_identity_directory_as_a_kubernetes_secret_mounts_it() {
     client_for(&pki, dir.path(), "d", -1, 300);
     std::fs::copy(dir.path().join("d.key"), secret.join("tls.key")).unwrap();
     let run = inspect(&[&s(&secret)], &[]).await;
-    assert_eq!(run.code, 1, "{}", run.stdout);
-    assert!(
-        run.stdout.contains("tls.key does NOT match"),
-        "{}",
-        run.stdout
-    );
+    run.says(1, "tls.key does NOT match");
 }
 
 #[tokio::test]
@@ -440,21 +417,12 @@ async fn garbage_and_missing_inputs_are_named_and_exit_1() {
     // Endless input is cut short, not read to the end.
     let run = inspect(&["/dev/zero"], &[]).await;
     assert_eq!(run.code, 1);
-    assert!(
-        run.stdout.contains("/dev/zero is larger than 4 MiB"),
-        "{}",
-        run.stdout
-    );
+    run.shows("/dev/zero is larger than 4 MiB");
 
     // An empty directory is neither pair.
     let run = inspect(&[&s(dir.path())], &[]).await;
     assert_eq!(run.code, 1);
-    assert!(
-        run.stdout
-            .contains("neither cert.pem + key.pem nor tls.crt + tls.key"),
-        "{}",
-        run.stdout
-    );
+    run.shows("neither cert.pem + key.pem nor tls.crt + tls.key");
 }
 
 #[tokio::test]
@@ -492,11 +460,7 @@ async fn the_report_is_aligned_and_plain_in_a_pipe() {
             "{line:?}"
         );
     }
-    assert!(
-        run.stdout.contains("not a Tax Administration certificate"),
-        "{}",
-        run.stdout
-    );
+    run.shows("not a Tax Administration certificate");
 }
 
 #[tokio::test]
@@ -578,14 +542,10 @@ async fn a_running_proxys_status_shows_the_identity_in_service() {
 async fn status_urls_must_be_loopback_http_and_a_silent_port_is_named() {
     let run = inspect(&["http://192.0.2.1:9901/status"], &[]).await;
     assert_eq!(run.code, 1);
-    assert!(
-        run.stdout.contains("not a loopback address"),
-        "{}",
-        run.stdout
-    );
+    run.shows("not a loopback address");
     let run = inspect(&["https://127.0.0.1:9901/status"], &[]).await;
     assert_eq!(run.code, 1);
-    assert!(run.stdout.contains("only http://"), "{}", run.stdout);
+    run.shows("only http://");
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
