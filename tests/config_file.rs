@@ -9,11 +9,9 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use common::process::{refused, Proc};
 use common::*;
-use http::{Request, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 
 /// Writes `vero-proxy.toml` in the PKI's directory: the identity of `pki`, `upstream`, and
 /// `extra` lines. Returns its path.
@@ -58,14 +56,7 @@ async fn the_files_settings_reach_the_upstream() {
     assert_ne!(listen, "127.0.0.1:8080");
     assert_ne!(admin, "127.0.0.1:9901");
 
-    let answer = send(
-        listen.parse().unwrap(),
-        Request::get("/x")
-            .header("host", "localhost")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let answer = send(listen.parse().unwrap(), get("/x")).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", p.stderr());
     let seen = lab.last();
     assert_eq!(seen.headers["vero-softwarekey"], "from-the-file");

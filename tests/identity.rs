@@ -68,9 +68,7 @@ async fn serve(
         identity_args,
     ))
     .await;
-    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
-        panic!()
-    };
+    let addr = tcp_addr(&proxy);
     (lab, addr, up, proxy)
 }
 
@@ -101,14 +99,7 @@ async fn refusal(pki: &Pki, identity_args: &[&str]) -> String {
 }
 
 async fn subject_seen(addr: std::net::SocketAddr, lab: &Lab) -> String {
-    let a = send(
-        addr,
-        Request::get("/x")
-            .header("host", "localhost")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let a = send(addr, get("/x")).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     lab.last().seen.client_subject.unwrap()
 }
@@ -241,9 +232,7 @@ async fn pkcs12_password_from_the_environment_and_a_wrong_one() {
     let proxy = vero_proxy::app::start(vero_proxy::config::Config::from_args(&run).unwrap())
         .await
         .unwrap();
-    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
-        panic!()
-    };
+    let addr = tcp_addr(&proxy);
     assert!(subject_seen(addr, &lab).await.contains("7654321-9"));
 
     let wrong = pki.path("pw");
@@ -363,9 +352,7 @@ async fn an_identity_that_expires_in_service_is_answered_503_and_not_ready() {
         &[],
     ))
     .await;
-    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
-        panic!()
-    };
+    let addr = tcp_addr(&proxy);
     let get = |p: &str| {
         Request::get(p)
             .header("host", "localhost")

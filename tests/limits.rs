@@ -224,9 +224,7 @@ async fn added_headers_are_set_and_file_values_follow_the_file() {
         ],
     );
     let proxy = start_proxy(args).await;
-    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
-        panic!()
-    };
+    let addr = tcp_addr(&proxy);
     let req = Request::get("/x")
         .header("host", "localhost")
         .header("user-agent", "app")
@@ -331,9 +329,7 @@ async fn http2_connections_the_upstream_closes_are_replaced_without_a_storm() {
         &[],
     ))
     .await;
-    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
-        panic!()
-    };
+    let addr = tcp_addr(&proxy);
     let mut tasks = Vec::new();
     for i in 0..32 {
         tasks.push(tokio::spawn(async move {

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::load::Load;
 use common::*;
 use http::Request;
 use http_body_util::Full;
@@ -98,9 +99,7 @@ async fn nginx_sees_our_certificate_path_and_headers_over_h1_and_h2() {
             ],
         );
         let proxy = start_proxy(args).await;
-        let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
-            panic!()
-        };
+        let addr = tcp_addr(&proxy);
         let req = Request::get("/Customer/IDs/ValidateTaxNumber/v1?taxNumber=FI%2012&x=%C3%A4")
             .header("host", "localhost:8080")
             .body(Full::new(Bytes::new()))
@@ -133,17 +132,8 @@ async fn nginx_refusing_a_foreign_certificate_is_passed_through() {
     std::fs::write(&pki.cert, &pair.cert_pem).unwrap();
     std::fs::write(&pki.key, &pair.key_pem).unwrap();
     let proxy = start_proxy(proxy_args(&pki, &format!("https://localhost:{port}"), &[])).await;
-    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
-        panic!()
-    };
-    let a = send(
-        addr,
-        Request::get("/x")
-            .header("host", "localhost")
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await;
+    let addr = tcp_addr(&proxy);
+    let a = send(addr, get("/x")).await;
     assert_eq!(a.status, 400);
     assert!(!a.headers.contains_key("x-vero-proxy-error"));
 }
@@ -156,46 +146,19 @@ async fn nginx_closing_http2_connections_every_200_requests_fails_nothing() {
     let pki = Pki::new();
     let (_nginx, port) = start_nginx_with(&pki, "keepalive_requests 200;").await;
     let proxy = start_proxy(proxy_args(&pki, &format!("https://localhost:{port}"), &[])).await;
-    let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
-        panic!()
-    };
-    let mut tasks = Vec::new();
-    for i in 0..64 {
-        tasks.push(tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (mut tx, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
-            let mut bad = Vec::new();
-            for j in 0..50 {
-                tx.ready().await.unwrap();
-                let req = Request::post(format!("/x?n={i}-{j}"))
-                    .header("host", "localhost")
-                    .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
-                    .unwrap();
-                let resp = tx.send_request(req).await.unwrap();
-                let status = resp.status();
-                let body = http_body_util::BodyExt::collect(resp.into_body())
-                    .await
-                    .unwrap()
-                    .to_bytes();
-                if status != 200 {
-                    bad.push(String::from_utf8_lossy(&body).into_owned());
-                }
-            }
-            bad
-        }));
-    }
-    let mut bad = Vec::new();
-    for t in tasks {
-        bad.extend(t.await.unwrap());
-    }
+    let addr = tcp_addr(&proxy);
+    let load = Load::counted(addr, 64, 50, |i, j| {
+        Request::post(format!("/x?n={i}-{j}"))
+            .header("host", "localhost")
+            .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
+            .unwrap()
+    });
+    let (served, bad) = load.join().await;
     assert!(
         bad.is_empty(),
         "{} of 3200 failed, first: {:?}",
         bad.len(),
         bad.first()
     );
+    assert_eq!(served, 3200);
 }

@@ -6,11 +6,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::load::Load;
 use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -301,55 +302,12 @@ async fn broken_expired_and_misnamed_identities_are_skipped_with_a_report() {
 
 #[tokio::test]
 async fn adding_replacing_and_removing_identities_under_mixed_load_loses_nothing() {
-    let rig = Arc::new(Rig::new(&[A, B, C], &[]).await);
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let served = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
-    // Eight keep-alive clients, half for A and half for B, for the whole test.
-    for i in 0..8 {
-        let (rig, stop, failures, served) =
-            (rig.clone(), stop.clone(), failures.clone(), served.clone());
-        let org = if i % 2 == 0 { A } else { B };
-        clients.push(tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(rig.addr).await.unwrap();
-            let (mut tx, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
-            while !stop.load(Ordering::SeqCst) {
-                let resp = tx.send_request(Rig::request(Some(org), "/x")).await;
-                match resp {
-                    Ok(r) if r.status() == 200 => {
-                        r.into_body().collect().await.unwrap();
-                        served.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(r) => {
-                        let status = r.status();
-                        let body = r.into_body().collect().await.unwrap().to_bytes();
-                        failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("{org}: {status} {body:?}"));
-                    }
-                    Err(e) => failures.lock().unwrap().push(format!("{org}: {e}")),
-                }
-            }
-        }));
-    }
-    let progress = |n: u64| {
-        let served = served.clone();
-        async move {
-            let goal = served.load(Ordering::SeqCst) + n;
-            while served.load(Ordering::SeqCst) < goal {
-                tokio::task::yield_now().await;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), progress(200))
-        .await
-        .unwrap();
+    let rig = Rig::new(&[A, B, C], &[]).await;
+    // Eight keep-alive clients, the even ones for A and the odd ones for B, for the whole test.
+    let load = Load::start(rig.addr, 8, |i, _| {
+        Rig::request(Some(if i % 2 == 0 { A } else { B }), "/x")
+    });
+    load.progress(200).await;
 
     // Add D.
     write_identity(&rig.root, D, &rig.pki.ca.client(D, "Uusi Oy").unwrap());
@@ -357,9 +315,7 @@ async fn adding_replacing_and_removing_identities_under_mixed_load_loses_nothing
         .await;
     let d = rig.get_as(Some(D), "/x").await;
     assert_eq!(d.status, 200, "{:?}", d.body);
-    tokio::time::timeout(Duration::from_secs(30), progress(200))
-        .await
-        .unwrap();
+    load.progress(200).await;
 
     // Replace A (the organisation under load).
     let old_a = rig.serial_in_service(A).unwrap();
@@ -370,9 +326,7 @@ async fn adding_replacing_and_removing_identities_under_mixed_load_loses_nothing
     })
     .await;
     let new_a = rig.serial_in_service(A).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), progress(200))
-        .await
-        .unwrap();
+    load.progress(200).await;
 
     // Remove C.
     std::fs::remove_dir_all(rig.root.join(C)).unwrap();
@@ -381,15 +335,9 @@ async fn adding_replacing_and_removing_identities_under_mixed_load_loses_nothing
     let c = rig.get_as(Some(C), "/x").await;
     assert_eq!(c.status, 404);
     assert_eq!(c.error_code(), "organisation_unknown");
-    tokio::time::timeout(Duration::from_secs(30), progress(200))
-        .await
-        .unwrap();
+    load.progress(200).await;
 
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let failures = failures.lock().unwrap().clone();
+    let (served, failures) = load.finish().await;
     assert!(
         failures.is_empty(),
         "{} failed: {:?}",
@@ -417,10 +365,7 @@ async fn adding_replacing_and_removing_identities_under_mixed_load_loses_nothing
         serials_a.len() >= 2,
         "A's requests never used the new certificate: {serials_a:?}"
     );
-    println!(
-        "{} requests served, 0 failed; A's serial {old_a} -> {new_a}",
-        served.load(Ordering::SeqCst)
-    );
+    println!("{served} requests served, 0 failed; A's serial {old_a} -> {new_a}");
 }
 
 #[tokio::test]

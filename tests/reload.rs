@@ -5,22 +5,17 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::load::Load;
 use common::*;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use vero_proxy::demo::pki::Pair;
-
-fn get() -> Request<Full<Bytes>> {
-    Request::get("/x")
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
+use vero_proxy::reload::ReloadStats;
 
 /// Writes `contents` to `path` the way editors and deploy tools do: a temp file, then rename.
 fn replace(path: &Path, contents: &str) {
@@ -68,9 +63,7 @@ impl Rig {
             extra,
         ))
         .await;
-        let vero_proxy::server::BoundAddr::Tcp(addr) = proxy.listen else {
-            panic!()
-        };
+        let addr = tcp_addr(&proxy);
         Rig {
             pki,
             lab,
@@ -104,26 +97,27 @@ impl Rig {
 
     /// Waits until a reload has failed `n` times in all.
     async fn wait_for_failures(&self, n: u64) {
-        let mut rx = self.proxy.reloader().unwrap().subscribe();
+        self.wait_for_stats("the broken pair was never rejected", |s| {
+            s.failed.load(Ordering::SeqCst) >= n
+        })
+        .await;
+    }
+
+    /// Waits until the reloader's counters satisfy `done`, woken by each reload it announces.
+    async fn wait_for_stats(&self, what: &str, done: impl Fn(&ReloadStats) -> bool) {
+        let reloader = self.proxy.reloader().unwrap();
+        let mut rx = reloader.subscribe();
         tokio::time::timeout(Duration::from_secs(10), async {
-            while self
-                .proxy
-                .reloader()
-                .unwrap()
-                .stats
-                .failed
-                .load(Ordering::SeqCst)
-                < n
-            {
+            while !done(&reloader.stats) {
                 rx.changed().await.unwrap();
             }
         })
         .await
-        .expect("the broken pair was never rejected");
+        .expect(what);
     }
 
     async fn upstream_serial(&self) -> String {
-        let a = send(self.addr, get()).await;
+        let a = send(self.addr, get("/x")).await;
         assert_eq!(a.status, 200, "{:?}", a.body);
         self.lab.last().seen.client_serial.unwrap()
     }
@@ -193,26 +187,14 @@ async fn a_kubernetes_secret_volume_swap_is_seen() {
 #[tokio::test]
 async fn sighup_and_post_reload_trigger_a_reload() {
     let rig = Rig::new(&[]).await;
-    let mut rx = rig.proxy.reloader().unwrap().subscribe();
     std::process::Command::new("kill")
         .args(["-HUP", &std::process::id().to_string()])
         .status()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while rig
-            .proxy
-            .reloader()
-            .unwrap()
-            .stats
-            .unchanged
-            .load(Ordering::SeqCst)
-            == 0
-        {
-            rx.changed().await.unwrap();
-        }
+    rig.wait_for_stats("SIGHUP did not reload", |s| {
+        s.unchanged.load(Ordering::SeqCst) > 0
     })
-    .await
-    .expect("SIGHUP did not reload");
+    .await;
 
     let post = |addr| async move {
         let req = Request::post("/reload")
@@ -280,59 +262,8 @@ async fn an_expired_replacement_is_rejected() {
     assert_eq!(rig.upstream_serial().await, serial_of(&rig.pki.client));
 }
 
-/// Keep-alive clients sending requests back to back until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    clients: Vec<tokio::task::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(addr: std::net::SocketAddr, n: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let clients = (0..n)
-            .map(|_| {
-                let (stop, ok) = (stop.clone(), ok.clone());
-                tokio::spawn(async move {
-                    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-                    let (mut tx, conn) =
-                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                            .await
-                            .unwrap();
-                    tokio::spawn(conn);
-                    let mut errors = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        tx.ready().await.unwrap();
-                        let resp = tx.send_request(get()).await.unwrap();
-                        let status = resp.status();
-                        let body = resp.into_body().collect().await.unwrap().to_bytes();
-                        if status == 200 {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            errors.push(format!("{status} {}", String::from_utf8_lossy(&body)));
-                        }
-                    }
-                    errors
-                })
-            })
-            .collect();
-        Load { stop, ok, clients }
-    }
-
-    /// Stops the clients; the answers that were not 200.
-    async fn stop(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut errors = Vec::new();
-        for c in self.clients {
-            errors.extend(c.await.unwrap());
-        }
-        (self.ok.load(Ordering::Relaxed), errors)
-    }
-}
-
 /// Rotates the identity `times` times under the rig's load; returns the serials put in service.
-async fn rotate(rig: &Rig, times: usize) -> Vec<String> {
+async fn rotate(rig: &Rig, load: &Load, times: usize) -> Vec<String> {
     let mut serials = vec![serial_of(&rig.pki.client)];
     for _ in 0..times {
         let next = rig.pki.ca.client("1234567-1", "Testi Oy").unwrap();
@@ -341,10 +272,7 @@ async fn rotate(rig: &Rig, times: usize) -> Vec<String> {
         rig.wait_for_serial(&serial_of(&next)).await;
         serials.push(serial_of(&next));
         // Let the load run on the new identity for a while before the next rotation.
-        let seen_before = rig.lab.received().len();
-        while rig.lab.received().len() < seen_before + 200 {
-            tokio::task::yield_now().await;
-        }
+        load.progress(200).await;
     }
     serials
 }
@@ -352,21 +280,17 @@ async fn rotate(rig: &Rig, times: usize) -> Vec<String> {
 #[tokio::test]
 async fn rotating_under_load_fails_no_request() {
     let rig = Rig::new(&["--max-upstream-concurrency", "64"]).await;
-    let load = Load::start(rig.addr, 16);
+    let load = Load::start(rig.addr, 16, |_, _| get("/x"));
     // Steady rate first, for the ratio printed below (a figure, not an assertion: this machine
     // is shared and noisy; the benchmark script holds the target).
     let before = Instant::now();
-    let seen = rig.lab.received().len();
-    while rig.lab.received().len() < seen + 2000 {
-        tokio::task::yield_now().await;
-    }
+    load.progress(2000).await;
     let steady = 2000.0 / before.elapsed().as_secs_f64();
-    let ok_before = load.ok.load(Ordering::Relaxed);
+    let ok_before = load.served();
     let started = Instant::now();
-    let serials = rotate(&rig, 10).await;
-    let rotating =
-        (load.ok.load(Ordering::Relaxed) - ok_before) as f64 / started.elapsed().as_secs_f64();
-    let (ok, errors) = load.stop().await;
+    let serials = rotate(&rig, &load, 10).await;
+    let rotating = (load.served() - ok_before) as f64 / started.elapsed().as_secs_f64();
+    let (ok, errors) = load.finish().await;
     println!(
         "rotation under load: {ok} ok, {} failed; {steady:.0} req/s steady, {rotating:.0} req/s while rotating ({:.0}%)",
         errors.len(),
@@ -397,9 +321,9 @@ async fn rotating_under_load_fails_no_request() {
 #[tokio::test]
 async fn swaps_never_open_more_upstream_connections_than_the_cap() {
     let rig = Rig::new(&["--max-upstream-concurrency", "8"]).await;
-    let load = Load::start(rig.addr, 32);
-    rotate(&rig, 5).await;
-    let (ok, errors) = load.stop().await;
+    let load = Load::start(rig.addr, 32, |_, _| get("/x"));
+    rotate(&rig, &load, 5).await;
+    let (ok, errors) = load.finish().await;
     assert!(
         errors.is_empty(),
         "{} failed, first: {:?}",

@@ -6,14 +6,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::load::Load;
 use common::*;
-use http::Request;
-use http_body_util::{BodyExt, Full};
 use time::OffsetDateTime;
 use vero_proxy::demo::pki::Pair;
 use vero_proxy::demo::standin::{self, Handler};
@@ -171,81 +170,12 @@ async fn wait_phase(
     .unwrap_or_else(|_| panic!("never {phase:?} with {containing:?}: {:?}", staged.state()))
 }
 
-/// Keep-alive clients sending requests until stopped; their failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: std::net::SocketAddr, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
-        let tasks = (0..clients)
-            .map(|_| {
-                let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
-                tokio::spawn(async move {
-                    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-                    let (mut tx, conn) =
-                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                            .await
-                            .unwrap();
-                    tokio::spawn(conn);
-                    while !stop.load(Ordering::SeqCst) {
-                        let req = Request::get("/x")
-                            .header("host", "localhost")
-                            .body(Full::new(Bytes::new()))
-                            .unwrap();
-                        match tx.send_request(req).await {
-                            Ok(r) if r.status() == 200 => {
-                                r.into_body().collect().await.unwrap();
-                                served.fetch_add(1, Ordering::SeqCst);
-                            }
-                            Ok(r) => failures.lock().unwrap().push(r.status().to_string()),
-                            Err(e) => failures.lock().unwrap().push(e.to_string()),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            served,
-            failures,
-            tasks,
-        }
-    }
-
-    async fn progress(&self, n: u64) {
-        let goal = self.served.load(Ordering::SeqCst) + n;
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while self.served.load(Ordering::SeqCst) < goal {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the load stalled");
-    }
-
-    async fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        let f = self.failures.lock().unwrap().clone();
-        (self.served.load(Ordering::SeqCst), f)
-    }
-}
-
 #[tokio::test]
 async fn a_staged_identity_waits_while_refused_then_goes_into_service_without_a_failed_request() {
     let rig = Rig::new(Some(50), &[]).await;
     let current = serial_of(&rig.pki.client);
     rig.wait_phase(Phase::None, "no next identity").await;
-    let load = Load::start(rig.addr, 4);
+    let load = Load::start(rig.addr, 4, |_, _| get("/x"));
     load.progress(100).await;
 
     let next = renewed(&rig.pki);
@@ -432,7 +362,7 @@ impl AutoRig {
 #[tokio::test]
 async fn auto_renewal_then_staged_activation_under_traffic_loses_nothing() {
     let rig = auto_rig(None).await;
-    let load = Load::start(rig.addr, 4);
+    let load = Load::start(rig.addr, 4, |_, _| get("/x"));
     load.progress(50).await;
 
     let waiting = rig.wait(Phase::Waiting, "403").await;

@@ -2,6 +2,7 @@
 //! received, the proxy started on 127.0.0.1:0, and a plain HTTP client to talk to it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod load;
 pub mod process;
 
 use std::net::SocketAddr;
