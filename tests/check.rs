@@ -3,46 +3,13 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 
 /// Runs `vero-proxy check` with the run flags of `proxy_args` plus `extra`; (success, stdout).
 async fn check(pki: &Pki, upstream: &str, extra: &[&str]) -> (bool, String) {
     let mut args = vec!["check".to_string()];
     args.extend(proxy_args(pki, upstream, extra).into_iter().skip(1));
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_vero-proxy"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("VERO_PROXY_") {
-            cmd.env_remove(name);
-        }
-    }
-    let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.args(&args).output())
-        .await
-        .expect("check did not finish")
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!text.contains("panicked"), "{text}");
-    (out.status.success(), text)
-}
-
-async fn upstream(
-    pki: &Pki,
-    client_cas: Vec<String>,
-) -> (Arc<Lab>, vero_proxy::demo::standin::StandIn) {
-    let lab = Arc::new(Lab::default());
-    let up = start_upstream(
-        &pki.ca,
-        &pki.ca,
-        UpstreamSpec {
-            client_cas,
-            ..Default::default()
-        },
-        lab.clone(),
-    )
-    .await;
-    (lab, up)
+    process::run_to_end(&args).await
 }
 
 #[tokio::test]
@@ -104,7 +71,7 @@ async fn a_test_certificate_pointed_at_production_is_flagged() {
 #[tokio::test]
 async fn connect_reports_an_accepted_certificate() {
     let pki = Pki::new();
-    let (lab, up) = upstream(&pki, vec![]).await;
+    let (lab, up) = upstream_accepting(&pki, vec![]).await;
     let url = format!("https://localhost:{}", up.addr.port());
     let (ok, out) = check(
         &pki,
@@ -131,7 +98,7 @@ async fn connect_reports_an_accepted_certificate() {
 #[tokio::test]
 async fn connect_explains_401_403_and_a_refused_certificate() {
     let pki = Pki::new();
-    let (_lab, up) = upstream(&pki, vec![]).await;
+    let (_lab, up) = upstream_accepting(&pki, vec![]).await;
     let url = format!("https://localhost:{}", up.addr.port());
     let (ok, out) = check(&pki, &url, &["--connect", "--probe-path", "/status/401"]).await;
     assert!(!ok);
@@ -147,7 +114,7 @@ async fn connect_explains_401_403_and_a_refused_certificate() {
     );
 
     let other = vero_proxy::demo::pki::TestPki::new("other CA").unwrap();
-    let (_lab, refusing) = upstream(&pki, vec![other.ca_pem.clone()]).await;
+    let (_lab, refusing) = upstream_accepting(&pki, vec![other.ca_pem.clone()]).await;
     let url = format!("https://localhost:{}", refusing.addr.port());
     let (ok, out) = check(&pki, &url, &["--connect"]).await;
     assert!(!ok);

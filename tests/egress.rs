@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -432,10 +432,11 @@ impl Drop for Spawned {
 }
 
 async fn spawn_with_env(args: &[String], env: &[(&str, &str)]) -> Spawned {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vero-proxy"));
+    let mut cmd = process::clean_command(process::BIN);
+    // The proxy variables too, in either case: these tests set the egress proxy explicitly.
     for (name, _) in std::env::vars_os() {
         let n = name.to_string_lossy().to_ascii_uppercase();
-        if n.starts_with("VERO_PROXY_") || n == "HTTPS_PROXY" || n == "NO_PROXY" {
+        if n == "HTTPS_PROXY" || n == "NO_PROXY" {
             cmd.env_remove(name);
         }
     }

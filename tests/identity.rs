@@ -51,17 +51,7 @@ async fn serve(
     vero_proxy::demo::standin::StandIn,
     vero_proxy::app::Running,
 ) {
-    let lab = Arc::new(Lab::default());
-    let up = start_upstream(
-        &pki.ca,
-        &pki.ca,
-        UpstreamSpec {
-            client_cas,
-            ..Default::default()
-        },
-        lab.clone(),
-    )
-    .await;
+    let (lab, up) = upstream_accepting(pki, client_cas).await;
     let proxy = start_proxy(identity_only_args(
         pki,
         &format!("https://localhost:{}", up.addr.port()),

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -951,14 +951,9 @@ struct Limited {
 
 impl Limited {
     fn spawn(nofile: u32, args: &[String]) -> Limited {
-        let mut cmd = Command::new("prlimit");
+        let mut cmd = process::clean_command("prlimit");
         cmd.arg(format!("--nofile={nofile}:{nofile}"))
-            .arg(env!("CARGO_BIN_EXE_vero-proxy"));
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("VERO_PROXY_") {
-                cmd.env_remove(name);
-            }
-        }
+            .arg(process::BIN);
         let mut child = cmd
             .args(args)
             .env("VERO_PROXY_LOG", "info")

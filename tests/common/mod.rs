@@ -286,6 +286,18 @@ impl Default for UpstreamSpec<'_> {
     }
 }
 
+/// Starts an upstream with a server certificate from the test CA that accepts client certificates
+/// issued by `client_cas` (empty: the test CA), recording into a new `Lab`.
+pub async fn upstream_accepting(pki: &Pki, client_cas: Vec<String>) -> (Arc<Lab>, StandIn) {
+    let lab = Arc::new(Lab::default());
+    let spec = UpstreamSpec {
+        client_cas,
+        ..Default::default()
+    };
+    let up = start_upstream(&pki.ca, &pki.ca, spec, lab.clone()).await;
+    (lab, up)
+}
+
 /// Starts a recording upstream as `spec` says, with a server certificate from `issuer`.
 pub async fn start_upstream(
     issuer: &TestPki,

@@ -42,12 +42,7 @@ impl Proc {
         env: &[(&str, &str)],
         level: &str,
     ) -> Proc {
-        let mut cmd = Command::new(BIN);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("VERO_PROXY_") {
-                cmd.env_remove(name);
-            }
-        }
+        let mut cmd = clean_command(BIN);
         cmd.env("VERO_PROXY_LOG", level)
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
@@ -174,6 +169,32 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A command for `program` (the binary, or a wrapper that runs it) without the test's own
+/// `VERO_PROXY_*` variables, so only what the test passes configures the binary.
+pub fn clean_command<S: AsRef<std::ffi::OsStr>>(program: S) -> Command {
+    let mut cmd = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("VERO_PROXY_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Runs the binary with `args` to its end (within 60 s) with a clean environment; whether it
+/// succeeded, and its stdout followed by its stderr, after checking that it did not panic.
+pub async fn run_to_end<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
+    let mut cmd = tokio::process::Command::from(clean_command(BIN));
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.args(args).output())
+        .await
+        .expect("vero-proxy did not finish within 60 s")
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("panicked"), "{text}");
+    (out.status.success(), text)
 }
 
 /// Runs the binary expecting it to refuse to start; returns its stderr after checking that it
