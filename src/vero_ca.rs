@@ -184,7 +184,6 @@ pub fn environment_of(der: &[u8]) -> Option<Environment> {
     issuing_ca(der).map(|c| c.environment)
 }
 
-/// The name of the Tax Administration CA that issued this DER certificate, for display.
 /// Which Tax Administration issuing CA an issuer name (`CN=..., O=...` as displayed) names,
 /// judged by the name alone: for a report of a certificate that is not at hand (a /status), and
 /// as the fallback of a warning. Prefer [`environment_of`], which checks the signature.
@@ -197,10 +196,6 @@ pub fn by_issuer_name(issuer: &str) -> Option<(Environment, &'static str)> {
                 .any(|part| part.trim() == format!("CN={}", ca.name))
         })
         .map(|ca| (ca.environment, ca.name))
-}
-
-pub fn issuer_name(der: &[u8]) -> Option<&'static str> {
-    issuing_ca(der).map(|c| c.name)
 }
 
 /// Which embedded CA certificate these DER bytes are, if any: its environment and common
@@ -241,6 +236,12 @@ pub fn issuing_ca(der: &[u8]) -> Option<&'static IssuingCa> {
 fn signer_among(der: &[u8], candidates: &[CertificateDer<'_>]) -> Option<usize> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     candidates.iter().position(|ca| signed_by(&cert, ca))
+}
+
+/// Whether `issuer_der` is named as the issuer of `cert_der` and its key made the signature:
+/// one link of a chain, checked.
+pub fn issued_by(cert_der: &[u8], issuer_der: &[u8]) -> bool {
+    X509Certificate::from_der(cert_der).is_ok_and(|(_, cert)| signed_by(&cert, issuer_der))
 }
 
 /// Whether `issuer_der` is named as `cert`'s issuer and its key made `cert`'s signature.
@@ -392,7 +393,7 @@ mod tests {
     fn a_certificate_the_tax_administration_did_not_sign_is_unknown() {
         let leaf = forged_leaf();
         assert_eq!(environment_of(leaf.as_ref()), None);
-        assert_eq!(issuer_name(leaf.as_ref()), None);
+        assert!(issuing_ca(leaf.as_ref()).is_none());
         assert_eq!(complete_chain(&leaf), vec![leaf.clone()]);
         assert_eq!(environment_of(b"not a certificate"), None);
         assert_eq!(embedded_ca(leaf.as_ref()), None);

@@ -179,8 +179,8 @@ impl SignerTrust {
     /// The Tax Administration's embedded chains for the certificate service in `env`.
     pub fn embedded(env: crate::vero_ca::Environment) -> SignerTrust {
         SignerTrust {
-            roots: super::trust::service_signers(env),
-            intermediates: super::trust::service_intermediates(env),
+            roots: crate::vero_ca::service_signers(env),
+            intermediates: crate::vero_ca::service_intermediates(env),
         }
     }
 }

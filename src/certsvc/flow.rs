@@ -388,7 +388,7 @@ async fn finish(
     if keys::certificate_public_key(&leaf).as_deref() != Some(expected.as_slice()) {
         return Err(wrap(FlowError::WrongKey(key_path.clone())));
     }
-    let chain = super::trust::complete_chain(&leaf);
+    let chain = crate::vero_ca::complete_chain(&leaf);
     let cert_path = keys::write_chain(out, &chain).map_err(|e| wrap(e.into()))?;
     Ok(Issued {
         cert_path,

@@ -11,7 +11,6 @@ pub mod dsig;
 pub mod flow;
 pub mod keys;
 pub mod standin;
-pub mod trust;
 pub mod xml;
 
 pub use crate::business_id::BusinessId;

@@ -306,22 +306,9 @@ fn describe_chain(input: &str, chain: &[CertificateDer<'_>]) -> Result<Vec<CertF
         let role = if i == 0 { "leaf" } else { "chain" };
         let mut facts = CertFacts::of(input, &chain[i..], role)?;
         if i > 0 {
-            facts.signed_previous = Some(signed(&chain[i - 1], &chain[i]));
+            facts.signed_previous = Some(crate::vero_ca::issued_by(&chain[i - 1], &chain[i]));
         }
         out.push(facts);
     }
     Ok(out)
-}
-
-fn signed(cert: &CertificateDer<'_>, issuer: &CertificateDer<'_>) -> bool {
-    match (
-        X509Certificate::from_der(cert.as_ref()),
-        X509Certificate::from_der(issuer.as_ref()),
-    ) {
-        (Ok((_, c)), Ok((_, i))) => {
-            c.issuer().as_raw() == i.subject().as_raw()
-                && c.verify_signature(Some(i.public_key())).is_ok()
-        }
-        _ => false,
-    }
 }
