@@ -232,16 +232,15 @@ async fn the_upstream_name_is_resolved_by_the_proxy_not_here() {
     );
 }
 
-#[tokio::test]
-async fn credentials_from_the_file_go_to_the_proxy_as_basic() {
-    let egress = ConnectProxy::start(ProxySpec {
-        credentials: Some("payroll:s3cr3t:with colons"),
-        ..Default::default()
-    })
-    .await;
+/// The proxy going through `egress` with a credentials file holding `contents`; the file's path,
+/// and its directory, to keep until the test ends.
+async fn through_with_credentials(
+    egress: &ConnectProxy,
+    contents: &str,
+) -> (Setup, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("proxy-credentials");
-    std::fs::write(&file, "payroll:s3cr3t:with colons\n").unwrap();
+    std::fs::write(&file, contents).unwrap();
     let file = file.display().to_string();
     let s = Setup::new(&[
         "--egress-proxy",
@@ -250,6 +249,17 @@ async fn credentials_from_the_file_go_to_the_proxy_as_basic() {
         &file,
     ])
     .await;
+    (s, file, dir)
+}
+
+#[tokio::test]
+async fn credentials_from_the_file_go_to_the_proxy_as_basic() {
+    let egress = ConnectProxy::start(ProxySpec {
+        credentials: Some("payroll:s3cr3t:with colons"),
+        ..Default::default()
+    })
+    .await;
+    let (s, _file, _dir) = through_with_credentials(&egress, "payroll:s3cr3t:with colons\n").await;
     let a = s.get("/hello").await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     let seen = egress.seen();
@@ -286,17 +296,7 @@ async fn a_407_is_egress_proxy_refused_naming_the_status_and_the_credentials_fil
     assert!(s.lab.received().is_empty());
 
     // Wrong credentials: the message names the file, never its content.
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("creds");
-    std::fs::write(&file, "payroll:wrong\n").unwrap();
-    let file = file.display().to_string();
-    let s = Setup::new(&[
-        "--egress-proxy",
-        &egress.url(),
-        "--egress-proxy-credentials-file",
-        &file,
-    ])
-    .await;
+    let (s, file, _dir) = through_with_credentials(&egress, "payroll:wrong\n").await;
     let a = s.get("/hello").await;
     assert_eq!(a.error_code(), "egress_proxy_refused");
     let msg = message(&a);

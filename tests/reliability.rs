@@ -8,7 +8,6 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -212,7 +211,7 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> RawOutcome {
 
 /// Connects and sends a request head one byte every 50 ms, never finishing it. Returns how long
 /// the proxy kept the connection open (from the first byte), or panics after 20 s.
-async fn trickle(addr: SocketAddr, sending: Arc<AtomicUsize>) -> Duration {
+async fn trickle(addr: SocketAddr, sending: Arc<tokio::sync::Semaphore>) -> Duration {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let head = b"GET /slow HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
     let start = Instant::now();
@@ -225,7 +224,7 @@ async fn trickle(addr: SocketAddr, sending: Arc<AtomicUsize>) -> Duration {
             return start.elapsed();
         }
         if first {
-            sending.fetch_add(1, Ordering::SeqCst);
+            sending.add_permits(1);
             first = false;
         }
         tokio::select! {
@@ -243,17 +242,25 @@ async fn trickle(addr: SocketAddr, sending: Arc<AtomicUsize>) -> Duration {
     }
 }
 
+/// Starts `n` trickling clients and returns once each has sent its first byte.
+async fn start_tricklers(addr: SocketAddr, n: u32) -> Vec<tokio::task::JoinHandle<Duration>> {
+    let sending = Arc::new(tokio::sync::Semaphore::new(0));
+    let slow = (0..n)
+        .map(|_| tokio::spawn(trickle(addr, sending.clone())))
+        .collect();
+    timeout(Duration::from_secs(20), sending.acquire_many(n))
+        .await
+        .expect("the trickling clients never started")
+        .unwrap()
+        .forget();
+    slow
+}
+
 #[tokio::test]
 async fn trickling_clients_are_cut_at_the_header_timeout_and_others_are_served_meanwhile() {
     let s = Setup::new(&["--client-header-timeout", "2s"]).await;
     let addr = s.addr;
-    let sending = Arc::new(AtomicUsize::new(0));
-    let slow: Vec<_> = (0..50)
-        .map(|_| tokio::spawn(trickle(addr, sending.clone())))
-        .collect();
-    while sending.load(Ordering::SeqCst) < 50 {
-        tokio::task::yield_now().await;
-    }
+    let slow = start_tricklers(addr, 50).await;
     // While they trickle, other clients are answered, and before any trickler was cut.
     let began = Instant::now();
     for _ in 0..20 {
@@ -295,13 +302,7 @@ async fn tricklers_holding_every_connection_slot_delay_others_only_until_the_tim
     ])
     .await;
     let addr = s.addr;
-    let sending = Arc::new(AtomicUsize::new(0));
-    let slow: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(trickle(addr, sending.clone())))
-        .collect();
-    while sending.load(Ordering::SeqCst) < 4 {
-        tokio::task::yield_now().await;
-    }
+    let slow = start_tricklers(addr, 4).await;
     let began = Instant::now();
     let a = timeout(Duration::from_secs(10), s.get("/x"))
         .await
