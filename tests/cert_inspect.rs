@@ -42,12 +42,8 @@ impl Run {
 
 /// Runs `vero-proxy cert inspect ARGS` with a clean VERO_PROXY_* environment plus `env`.
 async fn inspect(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_vero-proxy"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("VERO_PROXY_") {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd =
+        tokio::process::Command::from(common::process::clean_command(common::process::BIN));
     cmd.arg("cert")
         .arg("inspect")
         .args(args)

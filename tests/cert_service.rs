@@ -3,6 +3,8 @@
 //! answers, and the stand-in's own checks of renewal signatures.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -120,12 +122,8 @@ fn transfer(id: &str, pw: &str) -> Transfer {
 
 /// Runs the binary; (success, stdout, stderr).
 async fn vero(args: &[String], env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_vero-proxy"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("VERO_PROXY_") {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd =
+        tokio::process::Command::from(common::process::clean_command(common::process::BIN));
     cmd.envs(env.iter().copied())
         .args(args)
         .stdin(std::process::Stdio::null());
