@@ -225,21 +225,18 @@ async fn remote_admin_peers_get_probes_and_metrics_only() {
 #[tokio::test]
 async fn request_ids_are_kept_forwarded_and_returned() {
     let s = Setup::new(&[]).await;
-    let req = Request::get("/x")
-        .header("host", "localhost")
-        .header("x-request-id", "app-42.a")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let a = s.send(req).await;
+    let with_id = |host: &str, id: &str| {
+        Request::get("/x")
+            .header("host", host)
+            .header("x-request-id", id)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let a = s.send(with_id("localhost", "app-42.a")).await;
     assert_eq!(a.headers["x-request-id"], "app-42.a");
     assert_eq!(s.lab.last().headers["x-request-id"], "app-42.a");
     // An unusable one is replaced; errors carry the id too.
-    let req = Request::get("/x")
-        .header("host", "evil.example")
-        .header("x-request-id", "bad id!")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let a = s.send(req).await;
+    let a = s.send(with_id("evil.example", "bad id!")).await;
     let id = a.headers["x-request-id"].to_str().unwrap().to_owned();
     assert_ne!(id, "bad id!");
     assert_eq!(a.json()["request_id"], id.as_str());

@@ -66,6 +66,18 @@ fn org_args(pki: &Pki, root: &Path, upstream: &str, extra: &[&str]) -> Vec<Strin
     v
 }
 
+/// Waits until `done` holds, looking again at each change `rx` announces; panics naming `what`
+/// after 15 s.
+async fn wait_on(mut rx: tokio::sync::watch::Receiver<u64>, what: &str, done: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while !done() {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not within 15 s"));
+}
+
 impl Rig {
     async fn new(ids: &[&str], extra: &[&str]) -> Rig {
         let pki = Pki::new();
@@ -104,26 +116,12 @@ impl Rig {
 
     /// Waits until the per-identity sockets are in step and `done` holds.
     async fn wait_sockets(&self, what: &str, done: impl Fn() -> bool) {
-        let mut rx = self.proxy.sockets_synced.subscribe();
-        tokio::time::timeout(Duration::from_secs(15), async {
-            while !done() {
-                rx.changed().await.unwrap();
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not within 15 s"));
+        wait_on(self.proxy.sockets_synced.subscribe(), what, done).await;
     }
 
     /// Waits until the proxy has synced the directory and `done` holds.
     async fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
-        let mut rx = self.proxy.orgs.subscribe();
-        tokio::time::timeout(Duration::from_secs(15), async {
-            while !done() {
-                rx.changed().await.unwrap();
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not within 15 s"));
+        wait_on(self.proxy.orgs.subscribe(), what, done).await;
     }
 
     fn serial_in_service(&self, id: &str) -> Option<String> {
