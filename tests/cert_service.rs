@@ -367,6 +367,28 @@ async fn accepted_then_not_ready_says_the_transfer_ids_are_used_and_resumes() {
     assert!(key_path.exists());
     assert!(!out.join("cert.pem").exists());
 
+    // Finished with another key in --out: the service's certificate is for the key it was
+    // sent, so nothing is written and the key file is named.
+    let kept = std::fs::read(key_path).unwrap();
+    let another = certsvc::keys::NewKey::generate().unwrap();
+    std::fs::write(key_path, another.pem().as_bytes()).unwrap();
+    let e = certsvc::resume(
+        &lab.client(Duration::from_secs(20)),
+        &customer(),
+        retrieval_id,
+        &out,
+        hint,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, FlowError::Accepted { source, .. } if matches!(**source, FlowError::WrongKey(_))),
+        "{e}"
+    );
+    assert!(e.to_string().contains("is not for the new key in"), "{e}");
+    assert!(!out.join("cert.pem").exists());
+    std::fs::write(key_path, kept).unwrap();
+
     let issued = certsvc::resume(
         &lab.client(Duration::from_secs(20)),
         &customer(),
