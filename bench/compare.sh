@@ -12,34 +12,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
 ROUNDS=${ROUNDS:-3}
-root=$PWD
 
-need=()
-for t in nginx haproxy stunnel4 wrk openssl curl; do command -v "$t" >/dev/null || need+=("$t"); done
-if ((${#need[@]})); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy stunnel4 wrk openssl curl >/dev/null
-fi
-cargo build --release --quiet
-bin=$root/target/release/vero-proxy
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-chmod 755 "$work"  # the nginx workers run as www-data and serve files from here
-cd "$work"
+. bench/lib.sh
+need nginx haproxy stunnel4 wrk openssl curl -- nginx-light haproxy stunnel4 wrk openssl curl
+bench_start
 
 # --- PKI: a CA, the upstream's certificate for localhost, an RSA-2048 client certificate.
-openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=bench CA" \
-  -addext basicConstraints=critical,CA:TRUE 2>/dev/null
-mk() { # name subject extension
-  openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-  printf '%s\n' "$3" > "$1.ext"
-  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.pem" 2>/dev/null
-}
-mk server "/CN=localhost" "subjectAltName=DNS:localhost"
-mk client "/CN=1234567-1/O=Bench Oy/C=FI" "extendedKeyUsage=clientAuth"
+make_ca rsa:2048
+issue server "/CN=localhost" "subjectAltName=DNS:localhost"
+issue client "/CN=1234567-1/O=Bench Oy/C=FI" "extendedKeyUsage=clientAuth"
 cat client.pem client.key > client-combined.pem
 # The answers live apart from the identity files: vero-proxy watches its certificate's directory,
 # and an upstream opening files there on every request would wake that watch each time.

@@ -15,21 +15,9 @@ active=${ACTIVE:-50}
 secs=${SECS:-10}
 conns=${CONNS:-64}
 
-for tool in nginx wrk openssl; do
-  if ! command -v "$tool" >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk openssl >/dev/null
-    break
-  fi
-done
-cargo build --release --quiet
-bin=$PWD/target/release/vero-proxy
-
-work=$(mktemp -d)
-chmod 755 "$work"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-cd "$work"
+. bench/lib.sh
+need nginx wrk openssl python3 -- nginx-light wrk openssl python3
+bench_start
 
 # Business IDs with valid check digits: seven digits, weights 7 9 10 5 8 4 2, modulo 11.
 ids() {
@@ -46,11 +34,8 @@ PY
 }
 
 echo "making a test CA and $n RSA-2048 client identities..." >&2
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 \
-  -subj "/CN=bench CA" -addext basicConstraints=critical,CA:TRUE 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
-printf 'subjectAltName=DNS:localhost\n' > server.ext
-openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext -out server.pem 2>/dev/null
+make_ca ec -pkeyopt ec_paramgen_curve:P-256
+issue server "/CN=localhost" "subjectAltName=DNS:localhost"
 printf 'extendedKeyUsage=clientAuth\n' > client.ext
 ids "$n" > ids.txt
 mkdir identities

@@ -17,24 +17,11 @@ CONNS=${CONNS:-64} PER=${PER:-150} LOG=${LOG:-warn} PROTO=${PROTO:-http1} SIZE=$
 for t in valgrind nginx openssl curl python3; do
   command -v "$t" >/dev/null || { echo "bench/instructions.sh needs $t" >&2; exit 1; }
 done
-cargo build --release --quiet
-bin=$PWD/target/release/vero-proxy
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-chmod 755 "$work"
-cd "$work"
-openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=bench CA" \
-  -addext basicConstraints=critical,CA:TRUE 2>/dev/null
-mk() {
-  openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-  printf '%s\n' "$3" > "$1.ext"
-  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.pem" 2>/dev/null
-}
-mk server "/CN=localhost" "subjectAltName=DNS:localhost"
-mk client "/CN=1234567-1/O=Bench Oy/C=FI" "extendedKeyUsage=clientAuth"
+. bench/lib.sh
+bench_start
+make_ca rsa:2048
+issue server "/CN=localhost" "subjectAltName=DNS:localhost"
+issue client "/CN=1234567-1/O=Bench Oy/C=FI" "extendedKeyUsage=clientAuth"
 mkdir -m 755 www
 head -c 2048 /dev/zero | tr '\0' 'x' > www/2k
 head -c 1048576 /dev/zero | tr '\0' 'x' > www/1m

@@ -12,29 +12,12 @@ cd "$(dirname "$0")/.."
 secs=${SECS:-10}
 conns=${CONNS:-64}
 
-for tool in nginx wrk openssl; do
-  if ! command -v "$tool" >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk openssl >/dev/null
-    break
-  fi
-done
-cargo build --release --quiet
-bin=target/release/vero-proxy
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-cd "$work"
+. bench/lib.sh
+need nginx wrk openssl -- nginx-light wrk openssl
+bench_start
 
 # Test PKI: one CA, a server certificate for localhost, 12 client certificates.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 \
-  -subj "/CN=bench CA" -addext basicConstraints=critical,CA:TRUE 2>/dev/null
-issue() { # name subject ext
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-  printf '%s\n' "$3" > "$1.ext"
-  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.pem" 2>/dev/null
-}
+make_ca ec -pkeyopt ec_paramgen_curve:P-256
 issue server "/CN=localhost" "subjectAltName=DNS:localhost"
 for i in $(seq 0 11); do issue "client$i" "/CN=1234567-1/O=Bench Oy/C=FI" "extendedKeyUsage=clientAuth"; done
 
@@ -67,7 +50,7 @@ publish() { # n
 publish 0; ln -s ..data/tls.crt vol/tls.crt; ln -s ..data/tls.key vol/tls.key
 
 listen=127.0.0.1:$((port + 1))
-VERO_PROXY_LOG=warn taskset -c 0 "$OLDPWD/$bin" --listen "$listen" --admin-listen 127.0.0.1:$((port + 2)) \
+VERO_PROXY_LOG=warn taskset -c 0 "$bin" --listen "$listen" --admin-listen 127.0.0.1:$((port + 2)) \
   --upstream "https://localhost:$port" --identity-dir vol --ca-file ca.pem \
   --max-upstream-concurrency $((conns * 2)) --upstream-protocol "${PROTO:-http1}" 2> proxy.log & pids+=($!)
 for _ in $(seq 100); do curl -fs "http://$listen/x" -o /dev/null && break; sleep 0.1; done

@@ -1,0 +1,42 @@
+# Shared by the bench scripts (sourced, not run): tools, a release build, a work directory that
+# is removed with every process started in it, and a throwaway PKI.
+
+# need TOOL... -- PACKAGE...: installs the packages with apt-get when a tool is missing.
+need() {
+  local tools=() pkgs=() seen=0 t
+  for t in "$@"; do
+    if [[ $t == -- ]]; then seen=1; elif ((seen)); then pkgs+=("$t"); else tools+=("$t"); fi
+  done
+  for t in "${tools[@]}"; do
+    if ! command -v "$t" >/dev/null; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+      return
+    fi
+  done
+}
+
+# Builds the release binary into $bin, makes $work (readable by nginx workers, which run as
+# www-data), cds there, and on exit kills every pid in $pids and removes $work.
+bench_start() {
+  cargo build --release --quiet
+  bin=$PWD/target/release/vero-proxy
+  work=$(mktemp -d)
+  chmod 755 "$work"
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+  cd "$work"
+}
+
+# make_ca KEYOPTS...: ca.pem + ca.key, e.g. `make_ca rsa:2048` or `make_ca ec -pkeyopt ec_paramgen_curve:P-256`.
+make_ca() {
+  KEY=("$@")
+  openssl req -x509 -newkey "${KEY[@]}" -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=bench CA" \
+    -addext basicConstraints=critical,CA:TRUE 2>/dev/null
+}
+
+# issue NAME SUBJECT EXTENSION: NAME.pem + NAME.key from the CA, with the CA's key type.
+issue() {
+  openssl req -newkey "${KEY[@]}" -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+  printf '%s\n' "$3" > "$1.ext"
+  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+}
