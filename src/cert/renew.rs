@@ -175,9 +175,9 @@ pub async fn run(args: RenewArgs) -> anyhow::Result<()> {
         let current = match crate::identity::load(&src, &crate::upstream::tls::provider(), now) {
             Ok(i) => i,
             Err(IdentityError::Expired { path, not_after }) => anyhow::bail!(
-                "{} expired {not_after}: an expired certificate cannot be renewed: request a new \
-                 one with new transfer IDs (cert request)",
-                path.display()
+                "{} expired {not_after}: {}",
+                path.display(),
+                certsvc::flow::EXPIRED_CANNOT_RENEW
             ),
             Err(e) => return Err(e.into()),
         };

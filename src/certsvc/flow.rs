@@ -16,6 +16,10 @@ use crate::identity::{rfc3339, unix, CertInfo, Identity};
 /// Renewal is accepted from this many days before the current certificate's notAfter.
 pub const RENEWAL_WINDOW_DAYS: i64 = 60;
 
+/// What to do about an expired certificate, said wherever one is met.
+pub const EXPIRED_CANNOT_RENEW: &str =
+    "an expired certificate cannot be renewed: request a new one with new transfer IDs (cert request)";
+
 /// A certificate the service issued, written to disk.
 #[derive(Debug, Clone)]
 pub struct Issued {
@@ -299,8 +303,7 @@ pub fn renewable(current: &Identity, now: SystemTime) -> Result<(), FlowError> {
     let t = unix(now);
     if t > current.info.not_after {
         return Err(FlowError::NotRenewable(format!(
-            "the certificate ({}) expired {}: an expired certificate cannot be renewed: request a \
-             new one with new transfer IDs (cert request)",
+            "the certificate ({}) expired {}: {EXPIRED_CANNOT_RENEW}",
             current.info.who(),
             rfc3339(current.info.not_after)
         )));
