@@ -139,12 +139,7 @@ async fn the_renewal_window_colours_the_page_and_the_state() {
     std::fs::write(&pki.key, &soon.key_pem).unwrap();
     let lab = std::sync::Arc::new(Lab::default());
     let up = start_upstream(&pki.ca, &pki.ca, UpstreamSpec::default(), lab).await;
-    let proxy = start_proxy(proxy_args(
-        &pki,
-        &format!("https://localhost:{}", up.addr.port()),
-        &[],
-    ))
-    .await;
+    let proxy = start_proxy_to(&pki, up.addr.port(), &[]).await;
     let st = send(proxy.admin, get("/status")).await.json();
     assert_eq!(st["identity"]["renewal_state"], "renewal_open");
     let html = String::from_utf8(send(proxy.admin, get("/")).await.body.to_vec()).unwrap();
@@ -153,16 +148,16 @@ async fn the_renewal_window_colours_the_page_and_the_state() {
     assert_eq!(metric(&text, "vero_proxy_identity_renewal_state"), 1.0);
 
     // Configurable: with a 20-day warning threshold, 30 days left is fine.
-    let proxy = start_proxy(proxy_args(
+    let proxy = start_proxy_to(
         &pki,
-        &format!("https://localhost:{}", up.addr.port()),
+        up.addr.port(),
         &[
             "--renewal-warning-days",
             "20",
             "--renewal-critical-days",
             "5",
         ],
-    ))
+    )
     .await;
     assert_eq!(
         send(proxy.admin, get("/status")).await.json()["identity"]["renewal_state"],

@@ -7,10 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use common::*;
-use http::Request;
-use http_body_util::Full;
 use time::{Duration, OffsetDateTime};
 
 fn fixture(name: &str) -> PathBuf {
@@ -336,19 +333,8 @@ async fn an_identity_that_expires_in_service_is_answered_503_and_not_ready() {
     std::fs::write(&pki.key, &short.key_pem).unwrap();
     let lab = Arc::new(Lab::default());
     let up = start_upstream(&pki.ca, &pki.ca, UpstreamSpec::default(), lab.clone()).await;
-    let proxy = start_proxy(proxy_args(
-        &pki,
-        &format!("https://localhost:{}", up.addr.port()),
-        &[],
-    ))
-    .await;
+    let proxy = start_proxy_to(&pki, up.addr.port(), &[]).await;
     let addr = tcp_addr(&proxy);
-    let get = |p: &str| {
-        Request::get(p)
-            .header("host", "localhost")
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
     assert_eq!(send(proxy.admin, get("/readyz")).await.status, 200);
 
     // Certificate times have one-second precision: wait until it has certainly expired.

@@ -323,12 +323,7 @@ async fn http2_connections_the_upstream_closes_are_replaced_without_a_storm() {
     let up =
         vero_proxy::demo::standin::start_closing_after(listener, cfg, lab_handler(lab.clone()), 20)
             .unwrap();
-    let proxy = start_proxy(proxy_args(
-        &pki,
-        &format!("https://localhost:{}", up.addr.port()),
-        &[],
-    ))
-    .await;
+    let proxy = start_proxy_to(&pki, up.addr.port(), &[]).await;
     let addr = tcp_addr(&proxy);
     let mut tasks = Vec::new();
     for i in 0..32 {

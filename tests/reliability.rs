@@ -32,10 +32,6 @@ fn get(path: &str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-fn addr_of(running: &vero_proxy::app::Running) -> SocketAddr {
-    tcp_addr(running)
-}
-
 /// The proxy still answers a normal request on a new connection.
 async fn still_serves(addr: SocketAddr) {
     let a = timeout(Duration::from_secs(30), send(addr, get("/after")))
@@ -151,7 +147,7 @@ impl Rig {
         let upstream = standin::start(cfg, recording(rec.clone())).await.unwrap();
         let url = format!("https://localhost:{}", upstream.addr.port());
         let proxy = start_proxy(proxy_args(&pki, &url, extra)).await;
-        let addr = addr_of(&proxy);
+        let addr = tcp_addr(&proxy);
         Rig {
             _pki: pki,
             rec,
@@ -650,13 +646,8 @@ async fn fetch(addr: SocketAddr, path: &str) -> (u16, HeaderMap, Result<usize, S
 async fn a_response_the_upstream_cuts_short_is_cut_for_the_application_too() {
     let pki = Pki::new();
     let up = start_cutting_upstream(&pki).await;
-    let proxy = start_proxy(proxy_args(
-        &pki,
-        &format!("https://localhost:{}", up.port()),
-        &[],
-    ))
-    .await;
-    let addr = addr_of(&proxy);
+    let proxy = start_proxy_to(&pki, up.port(), &[]).await;
+    let addr = tcp_addr(&proxy);
     assert_eq!(fetch(addr, "/x").await.2, Ok(2));
     for kind in ["cut-length", "cut-chunked", "cut-eof"] {
         for ending in ["fin", "rst"] {
@@ -799,13 +790,8 @@ async fn an_http2_upstream_that_resets_or_drops_mid_response_cuts_the_applicatio
     let pki = Pki::new();
     let cut = Arc::new(Cut::default());
     let up = start_cutting_h2_upstream(&pki, cut.clone()).await;
-    let proxy = start_proxy(proxy_args(
-        &pki,
-        &format!("https://localhost:{}", up.port()),
-        &[],
-    ))
-    .await;
-    let addr = addr_of(&proxy);
+    let proxy = start_proxy_to(&pki, up.port(), &[]).await;
+    let addr = tcp_addr(&proxy);
     assert_eq!(fetch(addr, "/x").await.2, Ok(2));
     for path in [
         "/reset",
@@ -865,7 +851,7 @@ async fn an_upstream_that_is_down_then_comes_back_is_used_again_without_a_restar
     let lab = Arc::new(Lab::default());
     let port = free_port();
     let proxy = start_proxy(proxy_args(&pki, &format!("https://localhost:{port}"), &[])).await;
-    let addr = addr_of(&proxy);
+    let addr = tcp_addr(&proxy);
     for _ in 0..3 {
         let a = send(addr, get("/x")).await;
         assert_eq!(

@@ -376,6 +376,11 @@ pub fn proxy_args(pki: &Pki, upstream: &str, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// Starts the proxy with `proxy_args` for the upstream on localhost's `port`, plus `extra`.
+pub async fn start_proxy_to(pki: &Pki, port: u16, extra: &[&str]) -> vero_proxy::app::Running {
+    start_proxy(proxy_args(pki, &format!("https://localhost:{port}"), extra)).await
+}
+
 /// Starts the proxy in-process with these flags.
 pub async fn start_proxy(args: Vec<String>) -> vero_proxy::app::Running {
     use clap::Parser;
