@@ -161,6 +161,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         stop: background.clone(),
         metrics: metrics.clone(),
     };
+    let connections = factory.connections();
     let parts = OrgParts {
         factory,
         provider,
@@ -231,6 +232,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     });
     let admin_state = Arc::new(AdminState {
         orgs: orgs.clone(),
+        connections,
         accepting: true.into(),
         draining: false.into(),
         metrics,

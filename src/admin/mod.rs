@@ -31,6 +31,8 @@ use crate::upstream::limit::Limiter;
 pub struct AdminState {
     /// The identities in service.
     pub orgs: Arc<Orgs>,
+    /// Upstream connections of every pool, retiring ones included.
+    pub connections: Arc<crate::upstream::limit::ConnLimit>,
     /// True while the main listener accepts.
     pub accepting: AtomicBool,
     /// True from the shutdown signal on: readiness fails at once.
@@ -172,7 +174,6 @@ fn metrics(state: &AdminState) -> String {
     m.not_before.clear();
     m.renewal_state.clear();
     m.next_identity_state.clear();
-    let mut connections = 0;
     for org in state.orgs.all() {
         let up = org.upstream.load();
         let info = &up.identity.info;
@@ -192,11 +193,10 @@ fn metrics(state: &AdminState) -> String {
                 .get_or_create(&label)
                 .set(st.state().phase.level());
         }
-        connections = up.connections.open() as i64;
     }
     m.upstream_in_flight.set(state.limiter.in_flight() as i64);
     m.upstream_queue_depth.set(state.limiter.queued() as i64);
-    m.upstream_connections.set(connections);
+    m.upstream_connections.set(state.connections.open() as i64);
     m.encode()
 }
 

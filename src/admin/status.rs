@@ -66,10 +66,6 @@ pub fn of(state: &AdminState) -> serde_json::Value {
         .any(|o| o.upstream.load().identity.info.is_valid_at(now))
         && state.accepting.load(Ordering::Relaxed)
         && !state.draining.load(Ordering::Relaxed);
-    let connections = all
-        .first()
-        .map(|o| o.upstream.load().connections.open())
-        .unwrap_or(0);
     let sum = |key: &str| -> u64 {
         identities
             .iter()
@@ -103,6 +99,6 @@ pub fn of(state: &AdminState) -> serde_json::Value {
         },
         "upstream_in_flight": state.limiter.in_flight(),
         "upstream_queue_depth": state.limiter.queued(),
-        "upstream_connections": connections,
+        "upstream_connections": state.connections.open(),
     })
 }

@@ -60,6 +60,11 @@ impl UpstreamFactory {
         }
     }
 
+    /// The cap on connections shared by every pool this factory makes, with their count.
+    pub fn connections(&self) -> Arc<ConnLimit> {
+        self.conn_limit.clone()
+    }
+
     /// Fails when the egress proxy setting cannot be used (checked once, at start).
     pub fn check(&self) -> Result<(), ProxyError> {
         match &self.egress {
