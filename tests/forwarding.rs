@@ -86,6 +86,12 @@ async fn http2_upstream_is_used_when_offered_and_carries_no_duplicate_host() {
     assert_eq!(r.seen.alpn.as_deref(), Some("h2"));
     assert_eq!(r.target, "/x?y=1");
     assert!(r.headers.get_all("host").iter().count() <= 1);
+    // Over HTTP/2 the authority travels as :authority; a Host beside it is what nginx refuses.
+    assert_eq!(
+        r.headers.get("host"),
+        None,
+        "a Host header went out over HTTP/2"
+    );
 }
 
 #[tokio::test]
