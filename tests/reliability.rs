@@ -615,31 +615,7 @@ async fn start_cutting_upstream(pki: &Pki) -> SocketAddr {
 
 /// What the application got: the status, and the body's bytes or the error that cut it.
 async fn fetch(addr: SocketAddr, path: &str) -> (u16, HeaderMap, Result<usize, String>) {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let resp = timeout(Duration::from_secs(30), tx.send_request(get(path)))
-        .await
-        .expect("no answer")
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let mut body = resp.into_body();
-    let mut n = 0;
-    let end = timeout(Duration::from_secs(30), async {
-        while let Some(frame) = body.frame().await {
-            match frame {
-                Ok(f) => n += f.data_ref().map_or(0, |d| d.len()),
-                Err(e) => return Err(format!("{e} after {n} bytes")),
-            }
-        }
-        Ok(n)
-    })
-    .await
-    .expect("the body neither ended nor failed");
-    (status, headers, end)
+    fetch_full(addr, path, usize::MAX, || ()).await
 }
 
 #[tokio::test]
@@ -749,6 +725,17 @@ async fn fetch_then(
     after: usize,
     then: impl FnOnce(),
 ) -> (u16, Result<usize, String>) {
+    let (status, _, end) = fetch_full(addr, path, after, then).await;
+    (status, end)
+}
+
+/// As `fetch_then`, with the answer's headers.
+async fn fetch_full(
+    addr: SocketAddr,
+    path: &str,
+    after: usize,
+    then: impl FnOnce(),
+) -> (u16, HeaderMap, Result<usize, String>) {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -759,6 +746,7 @@ async fn fetch_then(
         .expect("no answer")
         .unwrap();
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let mut body = resp.into_body();
     let (mut n, mut then) = (0, Some(then));
     if after == 0 {
@@ -782,7 +770,7 @@ async fn fetch_then(
     })
     .await
     .expect("the body neither ended nor failed");
-    (status, end)
+    (status, headers, end)
 }
 
 #[tokio::test]

@@ -170,6 +170,23 @@ async fn wait_phase(
     .unwrap_or_else(|_| panic!("never {phase:?} with {containing:?}: {:?}", staged.state()))
 }
 
+/// Stops the load: no request of it failed, and the last request went out with `serial`; the
+/// count served.
+async fn finish_on(lab: &Lab, load: Load, serial: &str) -> u64 {
+    let (served, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {served} failed: {failures:?}",
+        failures.len()
+    );
+    let last = lab.received().last().cloned().unwrap();
+    assert_eq!(
+        last.seen.client_serial.unwrap().to_ascii_lowercase(),
+        colon_hex(serial)
+    );
+    served
+}
+
 #[tokio::test]
 async fn a_staged_identity_waits_while_refused_then_goes_into_service_without_a_failed_request() {
     let rig = Rig::new(Some(50), &[]).await;
@@ -192,17 +209,7 @@ async fn a_staged_identity_waits_while_refused_then_goes_into_service_without_a_
     assert!(why.contains("accepted"), "{why}");
     assert_eq!(rig.serial_in_service(), serial_of(&next));
     load.progress(200).await;
-    let (served, failures) = load.finish().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {served} failed: {failures:?}",
-        failures.len()
-    );
-    let last = rig.lab.received().last().cloned().unwrap();
-    assert_eq!(
-        last.seen.client_serial.unwrap().to_ascii_lowercase(),
-        colon_hex(&serial_of(&next))
-    );
+    finish_on(&rig.lab, load, &serial_of(&next)).await;
 
     // A reload of the (unchanged) current files keeps the newer identity in service.
     rig.proxy.orgs.reload_all("test").await;
@@ -401,17 +408,7 @@ async fn auto_renewal_then_staged_activation_under_traffic_loses_nothing() {
         renewed_serial
     );
     load.progress(100).await;
-    let (served, failures) = load.finish().await;
-    assert!(
-        failures.is_empty(),
-        "{} of {served} failed: {failures:?}",
-        failures.len()
-    );
-    let last = rig.lab.received().last().cloned().unwrap();
-    assert_eq!(
-        last.seen.client_serial.unwrap().to_ascii_lowercase(),
-        colon_hex(&renewed_serial)
-    );
+    let served = finish_on(&rig.lab, load, &renewed_serial).await;
     // Renewed once, not again now that a newer identity is in service.
     let renewals = rig
         .svc
