@@ -566,6 +566,14 @@ fn https_proxy_is_used_unless_no_proxy_names_the_upstream() {
         (a.host.as_str(), a.port, a.source),
         ("proxy.corp", 3128, "HTTPS_PROXY")
     );
+    // The route to api.vero.fi through proxy.corp with NO_PROXY set to `no`.
+    let with_no_proxy = |no| {
+        route(
+            None,
+            &env(Some("http://proxy.corp:3128"), Some(no)),
+            "api.vero.fi",
+        )
+    };
     for no in [
         "vero.fi",
         ".vero.fi",
@@ -576,11 +584,7 @@ fn https_proxy_is_used_unless_no_proxy_names_the_upstream() {
         "api.vero.fi:443",
         "vero.fi.",
     ] {
-        let r = route(
-            None,
-            &env(Some("http://proxy.corp:3128"), Some(no)),
-            "api.vero.fi",
-        );
+        let r = with_no_proxy(no);
         assert!(
             matches!(r, Route::Direct(_)),
             "NO_PROXY={no:?} did not exclude: {r:?}"
@@ -594,11 +598,7 @@ fn https_proxy_is_used_unless_no_proxy_names_the_upstream() {
         ",",
         "api.vero",
     ] {
-        let r = route(
-            None,
-            &env(Some("http://proxy.corp:3128"), Some(no)),
-            "api.vero.fi",
-        );
+        let r = with_no_proxy(no);
         assert!(
             matches!(r, Route::Proxy(_)),
             "NO_PROXY={no:?} excluded: {r:?}"
