@@ -464,13 +464,13 @@ impl Staged {
     ) -> Result<certsvc::Service, (String, Option<String>)> {
         let fail = |e: String| (e, None);
         let extra = match &ar.service_ca_file {
-            Some(p) => crate::cert::request::read_pems(p, "--renew-service-ca-file")
+            Some(p) => crate::upstream::tls::read_pem_certs(p, "--renew-service-ca-file")
                 .map_err(|e| fail(e.to_string()))?,
             None => Vec::new(),
         };
         let signers = match &ar.service_signer_ca {
             Some(p) => certsvc::dsig::SignerTrust::roots(
-                crate::cert::request::read_pems(p, "--renew-service-signer-ca")
+                crate::upstream::tls::read_pem_certs(p, "--renew-service-signer-ca")
                     .map_err(|e| fail(e.to_string()))?,
             ),
             None => certsvc::dsig::SignerTrust::embedded(ar.environment),

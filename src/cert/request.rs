@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
 use crate::certsvc::dsig::SignerTrust;
@@ -62,28 +60,18 @@ pub struct ServiceArgs {
     pub retrieval_timeout: Duration,
 }
 
-/// The certificates of a PEM file, the flag named in errors.
-pub fn read_pems(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("{flag} {} is not valid PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{flag} {} holds no PEM certificate", path.display());
-    }
-    Ok(certs)
-}
-
 impl ServiceArgs {
     /// The service client these flags describe.
     pub fn service(&self) -> anyhow::Result<Service> {
         let extra = match &self.service_ca_file {
-            Some(p) => read_pems(p, "--service-ca-file")?,
+            Some(p) => crate::upstream::tls::read_pem_certs(p, "--service-ca-file")?,
             None => Vec::new(),
         };
         let signers = match &self.service_signer_ca {
-            Some(p) => SignerTrust::roots(read_pems(p, "--service-signer-ca")?),
+            Some(p) => SignerTrust::roots(crate::upstream::tls::read_pem_certs(
+                p,
+                "--service-signer-ca",
+            )?),
             None => SignerTrust::embedded(self.environment),
         };
         let poll = PollSchedule {

@@ -22,6 +22,19 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The certificates of a PEM file given with `flag` (named in the errors); at least one.
+pub fn read_pem_certs(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{flag} {} is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{flag} {} holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
 /// The system's trust anchors plus those in `ca_file`.
 pub fn trust_anchors(ca_file: Option<&Path>) -> anyhow::Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
@@ -33,15 +46,7 @@ pub fn trust_anchors(ca_file: Option<&Path>) -> anyhow::Result<Arc<RootCertStore
     }
     let system = roots.len();
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("cannot read --ca-file {}: {e}", path.display()))?;
-        let certs = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("--ca-file {} is not valid PEM: {e}", path.display()))?;
-        if certs.is_empty() {
-            anyhow::bail!("--ca-file {} holds no PEM certificate", path.display());
-        }
-        for c in certs {
+        for c in read_pem_certs(path, "--ca-file")? {
             roots.add(c).map_err(|e| {
                 anyhow::anyhow!(
                     "--ca-file {}: a certificate cannot be used as a trust anchor: {e}",
