@@ -556,3 +556,25 @@ async fn auto_renew_without_a_writable_directory_refuses_to_start() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn polling_after_an_activation_reloads_nothing() {
+    let rig = Rig::new(Some(300), &["--activation-delay", "30s"]).await;
+    let next = renewed(&rig.pki);
+    write_pair(&rig.next_dir, &next);
+    rig.wait_phase(Phase::Active, "in service").await;
+    let reloader = rig.proxy.reloader().unwrap();
+    let count = |r: &vero_proxy::reload::Reloader| {
+        (
+            r.stats.reloaded.load(Ordering::SeqCst),
+            r.stats.unchanged.load(Ordering::SeqCst),
+        )
+    };
+    let before = count(&reloader);
+    // The files have not changed since they were last loaded: a poll has nothing to do.
+    for _ in 0..10 {
+        rig.proxy.orgs.poll_as("poll").await;
+    }
+    assert_eq!(count(&reloader), before);
+    assert_eq!(rig.serial_in_service(), serial_of(&next));
+}
