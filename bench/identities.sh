@@ -101,8 +101,6 @@ end
 LUA
 } > spread.lua
 run_wrk() { taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency -s spread.lua "http://$listen/"; }
-rate() { awk '/Requests\/sec/ {print $2}' "$1"; }
-bad() { awk '/Non-2xx/ {n+=$5} /Socket errors/ {gsub(/,/,""); n+=$4+$6+$8+$10} END {print n+0}' "$1"; }
 
 run_wrk > steady.txt
 rss_active=$(awk '/VmRSS/ {print $2}' "/proc/$proxy/status")

@@ -40,3 +40,17 @@ issue() {
   printf '%s\n' "$3" > "$1.ext"
   openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.pem" 2>/dev/null
 }
+
+# publish VOL N CERT KEY: generation N of a Kubernetes-style secret volume in VOL, swapped in as the
+# kubelet does it: CERT and KEY copied to VOL/..genN/tls.crt and tls.key, then the ..data symlink
+# replaced in one rename. The first call also makes VOL's tls.crt and tls.key links to ..data.
+publish() {
+  local vol=$1 gen="..gen$2"
+  mkdir -p "$vol/$gen"; cp "$3" "$vol/$gen/tls.crt"; cp "$4" "$vol/$gen/tls.key"
+  ln -sfn "$gen" "$vol/..data_tmp" && mv -T "$vol/..data_tmp" "$vol/..data"
+  if [[ ! -L $vol/tls.crt ]]; then ln -s ..data/tls.crt "$vol/tls.crt"; ln -s ..data/tls.key "$vol/tls.key"; fi
+}
+
+# rate WRK-OUTPUT: requests/s. bad WRK-OUTPUT: failed requests (non-2xx answers and socket errors).
+rate() { awk '/Requests\/sec/ {print $2}' "$1"; }
+bad() { awk '/Non-2xx/ {n+=$5} /Socket errors/ {gsub(/,/,""); n+=$4+$6+$8+$10} END {print n+0}' "$1"; }

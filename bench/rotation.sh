@@ -42,12 +42,7 @@ NGINX
 taskset -c 1 nginx -p "$work" -c "$work/nginx.conf" & pids+=($!)
 
 # The identity as a Kubernetes secret volume mounts it.
-mkdir vol
-publish() { # n
-  local d="vol/..gen$1"; mkdir "$d"; cp "client$1.pem" "$d/tls.crt"; cp "client$1.key" "$d/tls.key"
-  ln -sfn "..gen$1" vol/..data_tmp && mv -T vol/..data_tmp vol/..data
-}
-publish 0; ln -s ..data/tls.crt vol/tls.crt; ln -s ..data/tls.key vol/tls.key
+publish vol 0 client0.pem client0.key
 
 listen=127.0.0.1:$((port + 1))
 VERO_PROXY_LOG=warn taskset -c 0 "$bin" --listen "$listen" --admin-listen 127.0.0.1:$((port + 2)) \
@@ -56,14 +51,12 @@ VERO_PROXY_LOG=warn taskset -c 0 "$bin" --listen "$listen" --admin-listen 127.0.
 for _ in $(seq 100); do curl -fs "http://$listen/x" -o /dev/null && break; sleep 0.1; done
 
 run_wrk() { taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency "http://$listen/x"; }
-rate() { awk '/Requests\/sec/ {print $2}' "$1"; }
-bad() { awk '/Non-2xx/ {n+=$5} /Socket errors/ {gsub(/,/,""); n+=$4+$6+$8+$10} END {print n+0}' "$1"; }
 
 run_wrk > steady.txt
 : > access.log
 run_wrk > rotating.txt &
 wrk_pid=$!
-for i in $(seq 1 $((secs - 1))); do sleep 1; publish "$i"; done
+for i in $(seq 1 $((secs - 1))); do sleep 1; publish vol "$i" "client$i.pem" "client$i.key"; done
 wait "$wrk_pid"
 
 steady=$(rate steady.txt); rotating=$(rate rotating.txt)
