@@ -2,6 +2,8 @@
 # vero-proxy against the tools people would use instead, at the same job on the same machine:
 # nginx (proxy_ssl_certificate), HAProxy (server ... ssl crt) and stunnel (client = yes), all
 # forwarding plain HTTP on loopback to one mTLS upstream (nginx, ssl_verify_client on).
+# Per cell: requests/s, p50 and p99 latency, the proxy's CPU time per request and its peak RSS
+# (VmHWM reset before each cell); per proxy: start to first served request, whole-run peak RSS.
 #
 #   bench/compare.sh                 # SECS=5 ROUNDS=3 by default; about 8 minutes
 #
@@ -126,19 +128,34 @@ for n in "${names[@]}"; do wait_up "${PORT[$n]}"; done
 procs() { local p=${PID[$1]}; echo "$p $(pgrep -P "$p" | tr '\n' ' ')"; }
 cpu_ticks() { local s=0; for p in $(procs "$1"); do [[ -r /proc/$p/stat ]] && s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $s; }
 hwm_kib() { local s=0; for p in $(procs "$1"); do [[ -r /proc/$p/status ]] && s=$((s + $(awk '/VmHWM/ {print $2}' "/proc/$p/status"))); done; echo $s; }
+# Each cell's peak RSS starts from the RSS before it: `echo 5 > clear_refs` resets VmHWM. The peak
+# each process reached before a reset is kept in HWM, so the whole-run peak is still their sum.
+declare -A HWM
+hwm_reset() {
+  local p k
+  for p in $(procs "$1"); do
+    [[ -r /proc/$p/status ]] || continue
+    k=$(awk '/VmHWM/ {print $2}' "/proc/$p/status")
+    if ((k > ${HWM[$p]:-0})); then HWM[$p]=$k; fi
+    echo 5 > "/proc/$p/clear_refs"
+  done
+}
+whole_run_kib() { local s=0; hwm_reset "$1"; for p in $(procs "$1"); do s=$((s + ${HWM[$p]:-0})); done; echo $s; }
 hz=$(getconf CLK_TCK)
 
-declare -A RPS P50 P99 CPU
+declare -A RPS P50 P99 CPU RSS
 cells=("2k 1" "2k 64" "1m 1" "1m 64")
 for round in $(seq "$ROUNDS"); do
   for cell in "${cells[@]}"; do
     set -- $cell; size=$1; c=$2
     for n in "${names[@]}"; do
+      key="$n|$size|$c"
+      hwm_reset "$n"
       c0=$(cpu_ticks "$n")
       out=$(taskset -c 1 wrk -t1 -c"$c" -d"${SECS}s" --latency "http://127.0.0.1:${PORT[$n]}/$size")
       c1=$(cpu_ticks "$n")
+      RSS[$key]+="$(hwm_kib "$n") "
       reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-      key="$n|$size|$c"
       RPS[$key]+="$(awk '/Requests\/sec/ {print $2}' <<<"$out") "
       P50[$key]+="$(awk '$1 == "50%" {print $2}' <<<"$out") "
       P99[$key]+="$(awk '$1 == "99%" {print $2}' <<<"$out") "
@@ -152,24 +169,25 @@ done
 to_us() { awk '{ v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s/,"",v); print v*1e6} else print v }'; }
 median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 lat() { for v in $1; do echo "$v" | to_us; done | tr '\n' ' ' | median; }
+mib_max() { tr ' ' '\n' | sed '/^$/d' | sort -g | tail -1 | awk '{printf "%.1f", $1 / 1024}'; }
 
 echo
-echo "## vero-proxy and its peers, one run ($ROUNDS rounds x ${SECS}s per cell, medians)"
+echo "## vero-proxy and its peers, one run ($ROUNDS rounds x ${SECS}s per cell, medians; peak RSS: the highest round)"
 echo
-echo "| proxy | answer x conns | requests/s | p50 us | p99 us | proxy CPU us/request |"
-echo "|---|---|---|---|---|---|"
+echo "| proxy | answer x conns | requests/s | p50 us | p99 us | proxy CPU us/request | peak RSS MiB |"
+echo "|---|---|---|---|---|---|---|"
 for cell in "${cells[@]}"; do
   set -- $cell
   for n in "${names[@]}"; do
     key="$n|$1|$2"
-    printf '| %s | %s x %s | %.0f | %.0f | %.0f | %s |\n' "$n" "$1" "$2" "$(echo "${RPS[$key]}" | median)" \
-      "$(lat "${P50[$key]}")" "$(lat "${P99[$key]}")" "$(echo "${CPU[$key]}" | median)"
+    printf '| %s | %s x %s | %.0f | %.0f | %.0f | %s | %s |\n' "$n" "$1" "$2" "$(echo "${RPS[$key]}" | median)" \
+      "$(lat "${P50[$key]}")" "$(lat "${P99[$key]}")" "$(echo "${CPU[$key]}" | median)" "$(echo "${RSS[$key]}" | mib_max)"
   done
 done
 echo
-echo "| proxy | peak RSS (VmHWM, all processes) | start to first served request |"
+echo "| proxy | peak RSS (VmHWM, all processes, whole run) | start to first served request |"
 echo "|---|---|---|"
-for n in "${names[@]}"; do printf '| %s | %.1f MiB | %s ms |\n' "$n" "$(awk -v k="$(hwm_kib "$n")" 'BEGIN {print k/1024}')" "${STARTMS[$n]}"; done
+for n in "${names[@]}"; do printf '| %s | %.1f MiB | %s ms |\n' "$n" "$(awk -v k="$(whole_run_kib "$n")" 'BEGIN {print k/1024}')" "${STARTMS[$n]}"; done
 echo
 echo "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')); proxies on CPU 0, upstream nginx and wrk on CPU 1;"
 echo "$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | cut -d' ' -f1-3), $(stunnel4 -version 2>&1 | grep -m1 -o 'stunnel [0-9.]*'), vero-proxy $("$bin" --version | cut -d' ' -f2)."
