@@ -173,11 +173,15 @@ struct Spawned {
 
 impl Spawned {
     async fn start(listen: &str, extra: &[&str]) -> Spawned {
+        Self::start_env(listen, extra, &[]).await
+    }
+
+    async fn start_env(listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Spawned {
         let pki = Pki::new();
         let lab = Arc::new(Lab::default());
         let upstream = start_upstream(&pki.ca, &pki.ca, UpstreamSpec::default(), lab.clone()).await;
         let url = format!("https://localhost:{}", upstream.addr.port());
-        let mut proc = Proc::spawn(&args_listening_on(&pki, &url, listen, extra));
+        let mut proc = Proc::spawn_env(&args_listening_on(&pki, &url, listen, extra), env);
         let listen = proc.serving().await;
         Spawned {
             _pki: pki,
@@ -191,6 +195,34 @@ impl Spawned {
     fn addr(&self) -> SocketAddr {
         self.listen.parse().unwrap()
     }
+}
+
+#[tokio::test]
+async fn on_one_cpu_the_single_threaded_scheduler_serves_concurrent_clients() {
+    // What a sidecar limited to one CPU, or a pinned process, runs with.
+    let mut s = Spawned::start_env("127.0.0.1:0", &[], &[("TOKIO_WORKER_THREADS", "1")]).await;
+    let addr = s.addr();
+    let clients = (0..8).map(|i| {
+        tokio::spawn(async move {
+            for j in 0..10 {
+                let answer = send(addr, get(&format!("/c{i}/{j}"))).await;
+                assert_eq!(answer.status, 200);
+            }
+        })
+    });
+    for c in clients.collect::<Vec<_>>() {
+        c.await.unwrap();
+    }
+    let received = s.lab.received();
+    assert_eq!(received.len(), 80);
+    assert!(received.iter().all(|r| r
+        .seen
+        .client_subject
+        .as_deref()
+        .is_some_and(|c| c.contains("1234567-1"))));
+    s.proc.terminate().await;
+    let status = s.proc.wait_exit(EXIT_WITHIN).await;
+    assert_eq!(status.code(), Some(0), "{}", s.proc.stderr());
 }
 
 fn mode_of(path: &Path) -> u32 {
