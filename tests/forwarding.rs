@@ -4,6 +4,9 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
 use bytes::Bytes;
 use common::*;
 use http::Request;
@@ -303,4 +306,138 @@ pub async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     .unwrap()
     .unwrap();
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Asks for `path` over raw TCP, reads the answer's head and a first part of its body, then
+/// goes away (what an application does when it is stopped mid-download).
+async fn abandon_answer(addr: std::net::SocketAddr, path: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while got.len() < 16 * 1024 {
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "the proxy closed before sending 16 KiB of {path}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+}
+
+fn http1_only() -> UpstreamSpec<'static> {
+    UpstreamSpec {
+        alpn: &[b"http/1.1"],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_short_answer_the_application_abandons_is_read_off_and_its_connection_reused() {
+    let s = Setup::with(http1_only(), &[]).await;
+    abandon_answer(s.addr, "/bytes/524288").await;
+    let upstream = s.proxy.in_service().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), upstream.pool.idle_at_least(1))
+        .await
+        .expect("the abandoned answer's connection never came back to the pool");
+    assert_eq!(s.get("/x").await.status, 200);
+    let conns: Vec<_> = s.lab.received().iter().map(|r| r.seen.connection).collect();
+    assert_eq!(
+        conns,
+        vec![1, 1],
+        "the second request went out on a new connection"
+    );
+    assert_eq!(s.upstream.handshakes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_long_answer_the_application_abandons_closes_its_connection() {
+    let s = Setup::with(http1_only(), &[]).await;
+    // 64 MiB: far more than is worth reading for nobody.
+    abandon_answer(s.addr, "/bytes/67108864").await;
+    let upstream = s.proxy.in_service().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        upstream.connections.open_at_most(0),
+    )
+    .await
+    .expect("the abandoned long answer's connection was kept open");
+    assert_eq!(upstream.pool.idle_count(), 0);
+    assert_eq!(s.get("/x").await.status, 200);
+    let conns: Vec<_> = s.lab.received().iter().map(|r| r.seen.connection).collect();
+    assert_eq!(conns, vec![1, 2]);
+}
+
+#[tokio::test]
+async fn a_connection_still_being_made_when_its_application_goes_away_serves_the_next_request() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let lab = std::sync::Arc::new(Lab::default());
+    let up = start_upstream(&pki.ca, &pki.ca, http1_only(), lab.clone()).await;
+    // Between proxy and upstream, a relay that holds each connection until told to go on:
+    // the proxy's handshake is under way, not finished, while the application leaves.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = relay.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(tokio::sync::Notify::new());
+    let go_on = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let (acc, go) = (accepted.clone(), go_on.clone());
+    let up_addr = up.addr;
+    tokio::spawn(async move {
+        while let Ok((mut from, _)) = relay.accept().await {
+            acc.notify_one();
+            let go = go.clone();
+            tokio::spawn(async move {
+                go.acquire().await.unwrap().forget();
+                let mut to = tokio::net::TcpStream::connect(up_addr).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+            });
+        }
+    });
+    let proxy = start_proxy_to(&pki, relay_port, &[]).await;
+    let addr = tcp_addr(&proxy);
+
+    let mut app = tokio::net::TcpStream::connect(addr).await.unwrap();
+    app.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    accepted.notified().await;
+    drop(app);
+    go_on.add_permits(100);
+    let upstream = proxy.in_service().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), upstream.pool.idle_at_least(1))
+        .await
+        .expect("the connection made for a request that went away was not kept");
+    let answer = send(addr, get("/y")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(up.handshakes.load(Ordering::SeqCst), 1);
+    let received: Vec<_> = lab.received().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(
+        received,
+        vec!["/y".to_owned()],
+        "the abandoned request was sent anyway"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_whose_answer_is_still_coming_when_its_application_goes_away_serves_again() {
+    use tokio::io::AsyncWriteExt;
+    let s = Setup::with(http1_only(), &[]).await;
+    let mut app = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    app.write_all(b"GET /block HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    s.lab.wait_blocked(1).await;
+    drop(app);
+    s.lab.gate.add_permits(1);
+    let upstream = s.proxy.in_service().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), upstream.pool.idle_at_least(1))
+        .await
+        .expect("the connection was closed under an answer on its way");
+    assert_eq!(s.get("/x").await.status, 200);
+    let conns: Vec<_> = s.lab.received().iter().map(|r| r.seen.connection).collect();
+    assert_eq!(conns, vec![1, 1]);
 }

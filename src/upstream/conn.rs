@@ -1,6 +1,7 @@
 //! One upstream connection taken for one request: the HTTP version's URI form and `Host`, the
 //! send, and what a failure tells about whether the request reached the upstream.
 
+use std::future::Future;
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -41,6 +42,44 @@ impl Return {
     pub fn give_back(self) {
         if let Some(pool) = self.pool.upgrade() {
             Inner::checkin(&pool, self.sender, self.failure);
+        }
+    }
+}
+
+type Answer = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>;
+
+/// An HTTP/1.1 request on its way and its answer to come. Dropped before the answer came (the
+/// application went away), it awaits the answer in the background and reads a short one off,
+/// so the connection serves again: the upstream is answering anyway, and closing the
+/// connection would cost a new handshake later.
+struct Awaited {
+    answer: Option<std::pin::Pin<Box<dyn Future<Output = Answer> + Send>>>,
+    back: Option<Return>,
+}
+
+impl Awaited {
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Answer> {
+        let Some(answer) = self.answer.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let got = std::task::ready!(answer.as_mut().poll(cx));
+        self.answer = None;
+        std::task::Poll::Ready(got)
+    }
+}
+
+impl Drop for Awaited {
+    fn drop(&mut self) {
+        if let (Some(answer), Some(back), Ok(rt)) = (
+            self.answer.take(),
+            self.back.take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(async move {
+                if let Ok(resp) = answer.await {
+                    crate::body::read_off(resp.into_body(), back).await;
+                }
+            });
         }
     }
 }
@@ -94,6 +133,13 @@ async fn alert_after_failure(slot: &TlsFailure) -> Option<rustls::Error> {
 }
 
 impl Conn {
+    /// Puts a connection no request took back as idle (an HTTP/2 one is already shared).
+    pub(super) fn park(self) {
+        if let (Sender::H1(sender), Some(pool)) = (self.sender, self.pool.upgrade()) {
+            Inner::checkin(&pool, sender, self.failure);
+        }
+    }
+
     /// Whether this is an HTTP/2 connection.
     pub fn is_h2(&self) -> bool {
         matches!(self.sender, Sender::H2(_))
@@ -147,16 +193,17 @@ impl Conn {
                         refused_unprocessed: false,
                     });
                 }
-                let fut = tx.try_send_request(req);
-                match fut.await {
-                    Ok(resp) => Ok((
-                        resp,
-                        Some(Return {
-                            sender: tx,
-                            failure: self.failure,
-                            pool: self.pool,
-                        }),
-                    )),
+                let mut answer = Awaited {
+                    answer: Some(Box::pin(tx.try_send_request(req))),
+                    back: Some(Return {
+                        sender: tx,
+                        failure: self.failure.clone(),
+                        pool: self.pool,
+                    }),
+                };
+                let got = std::future::poll_fn(|cx| answer.poll(cx)).await;
+                match got {
+                    Ok(resp) => Ok((resp, answer.back.take())),
                     Err(mut e) => Err(SendError {
                         request: e.take_message(),
                         error: e.into_error(),

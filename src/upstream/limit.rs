@@ -113,6 +113,7 @@ pub struct ConnLimit {
     sem: Arc<Semaphore>,
     open: AtomicUsize,
     peak: AtomicUsize,
+    closed: tokio::sync::Notify,
 }
 
 /// One connection's place under the cap, held for the connection's life.
@@ -124,6 +125,7 @@ pub struct ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.limit.open.fetch_sub(1, Ordering::Relaxed);
+        self.limit.closed.notify_waiters();
     }
 }
 
@@ -134,6 +136,7 @@ impl ConnLimit {
             sem: Arc::new(Semaphore::new(max)),
             open: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
+            closed: tokio::sync::Notify::new(),
         })
     }
 
@@ -159,6 +162,20 @@ impl ConnLimit {
     /// Connections open or connecting now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Waits until at most `n` connections are open or connecting.
+    pub async fn open_at_most(&self, n: usize) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            // Registered before looking, so a close in between is not missed.
+            closed.as_mut().enable();
+            if self.open() <= n {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// The most connections ever open or connecting at once.

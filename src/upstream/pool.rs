@@ -171,10 +171,7 @@ impl Pool {
         };
         match self.wait_for_slot(wait).await {
             Ok(Err(idle)) => Ok(idle),
-            // Boxed: the handshake's state (rustls connection, resolver, TCP connect) is large
-            // and needed only now and then; inline, every request's future would carry and
-            // copy it.
-            Ok(Ok(slot)) => Box::pin(Inner::connect_with(&self.inner, slot)).await,
+            Ok(Ok(slot)) => self.connect_detached(slot).await,
             Err(e) => {
                 self.inner.end_h2_connect();
                 Err(e)
@@ -188,7 +185,24 @@ impl Pool {
         let slot = self
             .wait_for_slot(async { limit.acquire().await.ok_or(ProxyError::ShuttingDown) })
             .await?;
-        Box::pin(Inner::connect_with(&self.inner, slot)).await
+        self.connect_detached(slot).await
+    }
+
+    /// Makes a connection in a task of its own, so that a handshake under way is finished even
+    /// when the request that asked for it goes away (its application disconnected): the new
+    /// connection is parked for the next request instead of thrown away half made. (When many
+    /// applications stop at once, throwing them away turns into a storm of handshakes later.)
+    /// Also keeps the handshake's large state out of every request's future.
+    async fn connect_detached(&self, slot: ConnSlot) -> Result<Conn, ProxyError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let made = Inner::connect_with(&inner, slot).await;
+            if let Err(Ok(conn)) = tx.send(made) {
+                conn.park();
+            }
+        });
+        rx.await.unwrap_or(Err(ProxyError::ShuttingDown))
     }
 
     async fn wait_for_slot<T>(
@@ -266,6 +280,20 @@ impl Pool {
     /// Idle HTTP/1.1 connections right now.
     pub fn idle_count(&self) -> usize {
         self.inner.state.lock().map(|s| s.idle.len()).unwrap_or(0)
+    }
+
+    /// Waits until at least `n` HTTP/1.1 connections are idle.
+    pub async fn idle_at_least(&self, n: usize) {
+        loop {
+            let parked = self.inner.parked.notified();
+            tokio::pin!(parked);
+            // Registered before looking, so a connection parked in between is not missed.
+            parked.as_mut().enable();
+            if self.idle_count() >= n {
+                return;
+            }
+            parked.await;
+        }
     }
 }
 
