@@ -32,7 +32,13 @@ pub struct Exchange {
     /// most requests need no shared counter).
     pub streamed: Option<ByteCount>,
     metrics: Arc<Metrics>,
+    /// Written: `failed` or `finished` was called.
+    written: bool,
 }
+
+/// The status logged for a request whose application went away before its answer (nginx's
+/// convention; no answer was sent, so no real status exists).
+pub const CLIENT_WENT_AWAY: u16 = 499;
 
 /// Makes request ids: a random per-process prefix and a counter.
 pub struct RequestIds {
@@ -106,6 +112,7 @@ impl Exchange {
             request_bytes: 0,
             streamed: None,
             metrics,
+            written: false,
         }
     }
 
@@ -114,7 +121,8 @@ impl Exchange {
     }
 
     /// The proxy answered itself.
-    pub fn failed(self, e: &ProxyError) {
+    pub fn failed(mut self, e: &ProxyError) {
+        self.written = true;
         let status = e.status().as_u16();
         self.metrics
             .record(&self.method, status, self.started.elapsed().as_secs_f64());
@@ -138,7 +146,8 @@ impl Exchange {
     }
 
     /// The upstream's answer has ended (`complete`), or was cut off.
-    pub fn finished(self, status: u16, response_bytes: u64, complete: bool) {
+    pub fn finished(mut self, status: u16, response_bytes: u64, complete: bool) {
+        self.written = true;
         let request_bytes = self.request_bytes
             + self
                 .streamed
@@ -167,6 +176,30 @@ impl Exchange {
                 "the answer was cut off before its end (the application went away or the upstream failed mid-body)"
             );
         }
+    }
+}
+
+impl Drop for Exchange {
+    /// Neither failed nor finished: the request's future was dropped before the upstream's
+    /// answer came, because the application closed its connection. Still one access line.
+    fn drop(&mut self) {
+        if self.written {
+            return;
+        }
+        let status = CLIENT_WENT_AWAY;
+        self.metrics
+            .record(&self.method, status, self.started.elapsed().as_secs_f64());
+        tracing::warn!(
+            target: "access",
+            request_id = %id_str(&self.id),
+            method = %self.method,
+            path = %self.uri.path(),
+            status,
+            ms = self.ms(),
+            serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
+            organisation = self.organisation.as_ref().map(|o| o.as_str()),
+            "the application went away before the answer came; nothing was sent back to it"
+        );
     }
 }
 

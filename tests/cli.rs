@@ -225,6 +225,29 @@ async fn on_one_cpu_the_single_threaded_scheduler_serves_concurrent_clients() {
     assert_eq!(status.code(), Some(0), "{}", s.proc.stderr());
 }
 
+#[tokio::test]
+async fn a_request_whose_application_leaves_before_the_answer_still_gets_an_access_line() {
+    use tokio::io::AsyncWriteExt;
+    let mut s = Spawned::start("127.0.0.1:0", &[]).await;
+    let mut app = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    app.write_all(b"GET /block?secret=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    s.lab.wait_blocked(1).await;
+    drop(app);
+    let line = s
+        .proc
+        .wait_line("went away before the answer", Duration::from_secs(10))
+        .await;
+    assert!(line.contains("status=499"), "{line}");
+    assert!(line.contains("path=/block"), "{line}");
+    assert!(!line.contains("secret"), "{line}");
+    s.lab.gate.add_permits(1);
+    s.proc.terminate().await;
+    let status = s.proc.wait_exit(EXIT_WITHIN).await;
+    assert_eq!(status.code(), Some(0), "{}", s.proc.stderr());
+}
+
 fn mode_of(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
