@@ -217,7 +217,9 @@ done
 to_us() { awk '{ v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s/,"",v); print v*1e6} else print v }'; }
 median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 lat() { for v in $1; do echo "$v" | to_us; done | tr '\n' ' ' | median; }
-mib_max() { tr ' ' '\n' | sed '/^$/d' | sort -g | tail -1 | awk '{printf "%.1f", $1 / 1024}'; }
+# Peak RSS of a cell: round 1's (only the smaller cells ran before it in that process) and the
+# highest round's (later rounds start with whatever the 1 MiB cells left the allocator holding).
+rss_cell() { tr ' ' '\n' | sed '/^$/d' | awk '{ v[NR] = $1; if ($1 > m) m = $1 } END { printf "%.1f / %.1f", v[1] / 1024, m / 1024 }'; }
 
 # --- Identity rotation under load. Per proxy a fresh instance with its client certificate in the
 # secret volume vol-NAME/: a steady run, then the same run while every second the volume is swapped
@@ -264,7 +266,7 @@ for n in "${names[@]}"; do
 done
 
 echo
-echo "## vero-proxy and its peers, one run ($ROUNDS rounds x ${SECS}s per cell, medians; peak RSS: the highest round)"
+echo "## vero-proxy and its peers, one run ($ROUNDS rounds x ${SECS}s per cell, medians; peak RSS: round 1 / the highest round)"
 echo
 echo "| proxy | answer x conns | requests/s | p50 us | p99 us | proxy CPU us/request | peak RSS MiB |"
 echo "|---|---|---|---|---|---|---|"
@@ -273,7 +275,7 @@ for cell in "${cells[@]}"; do
   for n in "${names[@]}"; do
     key="$n|$1|$2"
     printf '| %s | %s x %s | %.0f | %.0f | %.0f | %s | %s |\n' "$n" "$1" "$2" "$(echo "${RPS[$key]}" | median)" \
-      "$(lat "${P50[$key]}")" "$(lat "${P99[$key]}")" "$(echo "${CPU[$key]}" | median)" "$(echo "${RSS[$key]}" | mib_max)"
+      "$(lat "${P50[$key]}")" "$(lat "${P99[$key]}")" "$(echo "${CPU[$key]}" | median)" "$(echo "${RSS[$key]}" | rss_cell)"
   done
 done
 echo
