@@ -9,17 +9,18 @@
 # and stunnel SIGHUP, HAProxy SIGUSR2 to its master-worker master, vero-proxy its file watch);
 # requests/s against steady, failed requests, certificates the upstream saw, swap to first use.
 #
-#   bench/compare.sh                 # SECS=5 ROUNDS=3 ROT_SECS=11 by default; about 10 minutes
+#   bench/compare.sh                 # SECS=5 ROUNDS=3 ROT_SECS=11 ROT_ROUNDS=2 by default; about 13 minutes
 #
 # Layout: every proxy pinned to CPU 0; the upstream and wrk to CPU 1. TLS 1.3, RSA-2048 client
 # certificate, keep-alive, answers of 2 KiB and 1 MiB, 1 and 64 connections. Rounds interleave
-# the proxies; medians are reported. Rotation: 64 connections, 2 KiB, ROT_SECS per run, a swap a
+# the proxies; medians are reported. Rotation: 64 connections, 2 KiB, ROT_ROUNDS runs of ROT_SECS, a swap a
 # second (ROT_SECS - 1 swaps). Loopback only; every load is bounded in time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-5}
 ROUNDS=${ROUNDS:-3}
 ROT_SECS=${ROT_SECS:-11}
+ROT_ROUNDS=${ROT_ROUNDS:-2}
 SWAPS=$((ROT_SECS - 1))
 
 . bench/lib.sh
@@ -235,34 +236,46 @@ reload() { # NAME PID
 declare -A HOW=([nginx]="SIGHUP" [haproxy]="SIGUSR2 to the -W master" [stunnel]="SIGHUP" [vero-proxy]="its file watch" [vero-proxy-h2]="its file watch")
 rot_wrk() { taskset -c 1 wrk -t1 -c64 -d"${ROT_SECS}s" "http://127.0.0.1:${PORT[$1-rot]}/rot"; }
 # delays SWAPS LOG: per swap (a "time serial" line), ms from it to the first request the upstream
-# logged with that serial ($ssl_client_serial is upper-case hex; compared without case), or never.
+# logged with that serial at or after it ($ssl_client_serial is upper-case hex; compared without case), or never.
 delays() {
   awk 'NR == FNR { at[NR] = $1; s[NR] = toupper($2); n = NR; next }
-    { k = toupper($2); if (!(k in first) || $1 < first[k]) first[k] = $1 }
-    END { for (i = 1; i <= n; i++) print (s[i] in first) ? sprintf("%.0f", (first[s[i]] - at[i]) * 1000) : "never" }' "$1" "$2"
+    { k = toupper($2); for (i = 1; i <= n; i++) if (s[i] == k && $1 >= at[i] && (!(i in best) || $1 < best[i])) best[i] = $1 }
+    END { for (i = 1; i <= n; i++) print (i in best) ? sprintf("%.0f", (best[i] - at[i]) * 1000) : "never" }' "$1" "$2"
 }
-declare -A ROT_STEADY ROT_RATE ROT_BAD ROT_SEEN ROT_MS ROT_NEVER
-for n in "${names[@]}"; do
-  startf "$n-rot" > "$work/$n-rot.out" 2>&1 & p=$!; pids+=("$p")
-  wait_up "${PORT[$n-rot]}"
-  rot_wrk "$n" > "steady-$n.txt"
-  : > rot.log; : > "swaps-$n.txt"
-  rot_wrk "$n" > "rotating-$n.txt" & w=$!; pids+=("$w")
-  t0=$(now_ns)
-  for i in $(seq "$SWAPS"); do
-    sleep "$(awk -v d=$((t0 + i * 1000000000 - $(now_ns))) 'BEGIN { print (d > 0 ? d / 1e9 : 0) }')"
-    publish "vol-$n" "$i" "rot$i.pem" "rot$i.key"
-    echo "$(date +%s.%N) ${SERIAL[$i]}" >> "swaps-$n.txt"
-    reload "$n" "$p"
+declare -A ROT_STEADY ROT_RATE ROT_RATIO ROT_BAD ROT_SEEN ROT_MS ROT_NEVER
+for round in $(seq "$ROT_ROUNDS"); do
+  for n in "${names[@]}"; do
+    # Every run starts from the first certificate, so no swap brings back the one in service.
+    publish "vol-$n" 0 rot0.pem rot0.key
+    startf "$n-rot" > "$work/$n-rot.out" 2>&1 & p=$!; pids+=("$p")
+    wait_up "${PORT[$n-rot]}"
+    # A short load first, so the steady run does not pay for the fresh instance's connections.
+    taskset -c 1 wrk -t1 -c64 -d2s "http://127.0.0.1:${PORT[$n-rot]}/rot" > /dev/null
+    rot_wrk "$n" > "steady-$n.txt"
+    : > rot.log; : > "swaps-$n.txt"
+    rot_wrk "$n" > "rotating-$n.txt" & w=$!; pids+=("$w")
+    t0=$(now_ns)
+    for i in $(seq "$SWAPS"); do
+      sleep "$(awk -v d=$((t0 + i * 1000000000 - $(now_ns))) 'BEGIN { print (d > 0 ? d / 1e9 : 0) }')"
+      publish "vol-$n" "$i" "rot$i.pem" "rot$i.key"
+      echo "$(date +%s.%N) ${SERIAL[$i]}" >> "swaps-$n.txt"
+      reload "$n" "$p"
+    done
+    wait "$w"
+    kill "$p"; wait "$p" 2>/dev/null || true
+    steady=$(rate "steady-$n.txt") rotating=$(rate "rotating-$n.txt")
+    ROT_STEADY[$n]+="$steady " ROT_RATE[$n]+="$rotating "
+    ROT_RATIO[$n]+="$(awk -v a="$rotating" -v b="$steady" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / b }') "
+    ROT_BAD[$n]=$((${ROT_BAD[$n]:-0} + $(bad "rotating-$n.txt")))
+    seen=$(awk '{print toupper($2)}' rot.log | sort -u | wc -l)
+    if ((seen < ${ROT_SEEN[$n]:-999})); then ROT_SEEN[$n]=$seen; fi
+    delays "swaps-$n.txt" rot.log >> "delays-$n.txt"
   done
-  wait "$w"
-  kill "$p"; wait "$p" 2>/dev/null || true
-  ROT_STEADY[$n]=$(rate "steady-$n.txt") ROT_RATE[$n]=$(rate "rotating-$n.txt") ROT_BAD[$n]=$(bad "rotating-$n.txt")
-  ROT_SEEN[$n]=$(awk '{print toupper($2)}' rot.log | sort -u | wc -l)
-  delays "swaps-$n.txt" rot.log > "delays-$n.txt"
+done
+for n in "${names[@]}"; do
   ROT_NEVER[$n]=$(grep -c never "delays-$n.txt" || true)
   ROT_MS[$n]=never
-  if ((ROT_NEVER[$n] < SWAPS)); then ROT_MS[$n]=$(grep -v never "delays-$n.txt" | median | awk '{printf "%.0f", $1}'); fi
+  if ((ROT_NEVER[$n] < SWAPS * ROT_ROUNDS)); then ROT_MS[$n]=$(grep -v never "delays-$n.txt" | median | awk '{printf "%.0f", $1}'); fi
 done
 
 echo
@@ -288,16 +301,16 @@ echo "$(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | cut -d' ' -f1-
 echo "vero-proxy: HTTP/1.1 to the upstream like the peers; vero-proxy-h2: --upstream-protocol auto (HTTP/2)."
 
 echo
-echo "## Identity rotation under load, $SWAPS swaps, 64 connections, 2 KiB"
+echo "## Identity rotation under load, $SWAPS swaps a run, $ROT_ROUNDS runs, 64 connections, 2 KiB (medians; failed: the sum)"
 echo
 echo "| proxy | reload by | steady requests/s | rotating requests/s | rotating / steady | failed while rotating | client certificates seen upstream | swap to first use, median ms | swaps never used |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for n in "${names[@]}"; do
-  printf '| %s | %s | %.0f | %.0f | %s | %s | %s | %s | %s |\n' "$n" "${HOW[$n]}" "${ROT_STEADY[$n]}" "${ROT_RATE[$n]}" \
-    "$(awk -v a="${ROT_RATE[$n]}" -v b="${ROT_STEADY[$n]}" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "-" }')" \
+  printf '| %s | %s | %.0f | %.0f | %.0f%% | %s | %s | %s | %s |\n' "$n" "${HOW[$n]}" "$(echo "${ROT_STEADY[$n]}" | median)" \
+    "$(echo "${ROT_RATE[$n]}" | median)" "$(echo "${ROT_RATIO[$n]}" | median)" \
     "${ROT_BAD[$n]}" "${ROT_SEEN[$n]}" "${ROT_MS[$n]}" "${ROT_NEVER[$n]}"
 done
 echo
 echo "${ROT_SECS}s per run, wrk on CPU 1, a fresh instance of each proxy on CPU 0, its certificate in a Kubernetes-style"
-echo "secret volume (..data swapped every second). Certificates seen counts the first one: $((SWAPS + 1)) when every swap was used."
+echo "secret volume (..data swapped every second). Certificates seen (the fewest in a run) counts the first one: $((SWAPS + 1)) when every swap was used."
 echo "bench/rotation.sh: the same rotation for vero-proxy alone, quicker."
