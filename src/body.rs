@@ -35,7 +35,7 @@ impl ProxyBody {
 /// many handshakes queue at the upstream together.
 const DRAIN_MAX_BYTES: u64 = 1 << 20;
 /// How long such an answer may take to arrive: longer, and a new connection is cheaper.
-const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The upstream's response body, holding the request's place under the concurrency cap and
 /// its connection until the last frame has passed.

@@ -441,3 +441,24 @@ async fn a_connection_whose_answer_is_still_coming_when_its_application_goes_awa
     let conns: Vec<_> = s.lab.received().iter().map(|r| r.seen.connection).collect();
     assert_eq!(conns, vec![1, 1]);
 }
+
+#[tokio::test]
+async fn an_answer_that_does_not_come_after_its_application_left_does_not_hold_the_connection() {
+    use tokio::io::AsyncWriteExt;
+    let s = Setup::with(http1_only(), &[]).await;
+    let mut app = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    app.write_all(b"GET /block HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    s.lab.wait_blocked(1).await;
+    drop(app);
+    // The upstream never answers: the connection is given up, not kept waiting for it.
+    let upstream = s.proxy.in_service().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        upstream.connections.open_at_most(0),
+    )
+    .await
+    .expect("a connection stayed open waiting for an answer nobody wants");
+    s.lab.gate.add_permits(1);
+}

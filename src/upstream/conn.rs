@@ -49,8 +49,8 @@ impl Return {
 type Answer = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>;
 
 /// An HTTP/1.1 request on its way and its answer to come. Dropped before the answer came (the
-/// application went away), it awaits the answer in the background and reads a short one off,
-/// so the connection serves again: the upstream is answering anyway, and closing the
+/// application went away), it awaits the answer in the background (for at most a second) and
+/// reads a short one off, so the connection serves again: the upstream is answering anyway, and closing the
 /// connection would cost a new handshake later.
 struct Awaited {
     answer: Option<std::pin::Pin<Box<dyn Future<Output = Answer> + Send>>>,
@@ -76,7 +76,10 @@ impl Drop for Awaited {
             tokio::runtime::Handle::try_current(),
         ) {
             rt.spawn(async move {
-                if let Ok(resp) = answer.await {
+                // Not for long: an answer that is slow to start keeps a connection (and its
+                // place under the cap) from everyone else.
+                let waited = tokio::time::timeout(crate::body::DRAIN_MAX_TIME, answer).await;
+                if let Ok(Ok(resp)) = waited {
                     crate::body::read_off(resp.into_body(), back).await;
                 }
             });
