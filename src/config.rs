@@ -122,6 +122,10 @@ pub struct AutoRenew {
     pub service_ca_file: Option<PathBuf>,
     /// Replacement trust anchors for its response signatures (tests).
     pub service_signer_ca: Option<PathBuf>,
+    /// `--egress-proxy`: the service is reached the way the upstream is.
+    pub egress_proxy: Option<String>,
+    /// `--egress-proxy-credentials-file`.
+    pub egress_proxy_credentials_file: Option<PathBuf>,
 }
 
 /// Everything `run` needs, validated.
@@ -466,6 +470,8 @@ fn staging(args: &RunArgs, upstream: &UpstreamTarget) -> Result<Staging, ConfigE
             service_url: args.renew_service_url.clone(),
             service_ca_file: args.renew_service_ca_file.clone(),
             service_signer_ca: args.renew_service_signer_ca.clone(),
+            egress_proxy: args.egress_proxy.clone(),
+            egress_proxy_credentials_file: args.egress_proxy_credentials_file.clone(),
         })
     } else {
         None

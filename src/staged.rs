@@ -475,6 +475,11 @@ impl Staged {
             ),
             None => certsvc::dsig::SignerTrust::embedded(ar.environment),
         };
+        let flags = crate::upstream::EgressFlags {
+            proxy: ar.egress_proxy.as_deref(),
+            credentials_file: ar.egress_proxy_credentials_file.as_deref(),
+        };
+        let env = crate::upstream::egress::ProxyEnv::from_lookup(|k| std::env::var(k).ok());
         certsvc::Service::new(
             ar.environment,
             ar.service_url.as_deref(),
@@ -482,6 +487,7 @@ impl Staged {
             signers,
             certsvc::PollSchedule::default(),
         )
+        .and_then(|s| s.route_by(&flags, &env))
         .map_err(|e| fail(e.to_string()))
     }
 

@@ -918,3 +918,76 @@ async fn an_unreachable_service_says_nothing_was_sent_and_keeps_no_key() {
     assert!(!stderr.contains("transfer IDs are used up"), "{stderr}");
     assert!(!lab.path("unreachable").join("key.pem").exists());
 }
+
+/// A CONNECT-only HTTP proxy on loopback that records each tunnel's target and opens it.
+async fn connect_relay() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap()
+                    .to_owned();
+                let target = line.split(' ').nth(1).unwrap().to_owned();
+                record.lock().unwrap().push(line);
+                let mut up = tokio::net::TcpStream::connect(target.as_str())
+                    .await
+                    .unwrap();
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn the_certificate_service_is_reached_through_the_egress_proxy() {
+    let lab = Lab::new(0).await;
+    let (proxy, seen) = connect_relay().await;
+    let service = lab.svc.url.parse::<http::Uri>().unwrap();
+    let target = format!(
+        "{}:{}",
+        service.host().unwrap(),
+        service.port_u16().unwrap()
+    );
+    let a = args(
+        &[
+            "cert",
+            "request",
+            "--transfer-id",
+            "T1",
+            "--egress-proxy",
+            &proxy,
+        ],
+        lab.service_flags("out"),
+    );
+    let (ok, stdout, stderr) = vero(&a, &[("VERO_PROXY_TRANSFER_PASSWORD", "pw1")]).await;
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "nothing went through the egress proxy");
+    assert!(
+        seen.iter()
+            .all(|l| *l == format!("CONNECT {target} HTTP/1.1")),
+        "{seen:?}"
+    );
+    load_dir(&lab.path("out"));
+}

@@ -58,6 +58,15 @@ pub struct ServiceArgs {
     /// How long to keep asking for the certificate after the service accepted the request.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub retrieval_timeout: Duration,
+
+    /// Reach the service through this HTTP proxy with CONNECT (http://HOST:PORT); else
+    /// HTTPS_PROXY / NO_PROXY when set, as `run` does for the upstream.
+    #[arg(long, env = "VERO_PROXY_EGRESS_PROXY")]
+    pub egress_proxy: Option<String>,
+
+    /// File holding `user:password` for the egress proxy (basic authentication).
+    #[arg(long, env = "VERO_PROXY_EGRESS_PROXY_CREDENTIALS_FILE")]
+    pub egress_proxy_credentials_file: Option<PathBuf>,
 }
 
 impl ServiceArgs {
@@ -78,13 +87,19 @@ impl ServiceArgs {
             deadline: self.retrieval_timeout,
             ..PollSchedule::default()
         };
+        let flags = crate::upstream::EgressFlags {
+            proxy: self.egress_proxy.as_deref(),
+            credentials_file: self.egress_proxy_credentials_file.as_deref(),
+        };
+        let env = crate::upstream::egress::ProxyEnv::from_lookup(|k| std::env::var(k).ok());
         Ok(Service::new(
             self.environment,
             self.service_url.as_deref(),
             &extra,
             signers,
             poll,
-        )?)
+        )?
+        .route_by(&flags, &env)?)
     }
 
     /// The customer fields of every request.

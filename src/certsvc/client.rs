@@ -136,6 +136,8 @@ pub struct Service {
     pub signers: SignerTrust,
     /// GetCertificate polling.
     pub poll: PollSchedule,
+    /// The HTTP proxy connections tunnel through, when one is used.
+    egress: Option<Arc<crate::upstream::egress::Egress>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -202,7 +204,32 @@ impl Service {
             tls: Arc::new(tls),
             signers,
             poll,
+            egress: None,
         })
+    }
+
+    /// Connects through `egress` (an HTTP proxy, with CONNECT) instead of directly.
+    pub fn with_egress(mut self, egress: Option<Arc<crate::upstream::egress::Egress>>) -> Service {
+        self.egress = egress;
+        self
+    }
+
+    /// How connections to the service leave this machine: `--egress-proxy` (`flags`), else
+    /// `HTTPS_PROXY` unless `NO_PROXY` names the service, as for the upstream.
+    pub fn route_by(
+        self,
+        flags: &crate::upstream::EgressFlags<'_>,
+        env: &crate::upstream::egress::ProxyEnv,
+    ) -> Result<Service, ServiceError> {
+        let host = self.url.host().unwrap_or_default();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = self.url.port_u16().unwrap_or(443);
+        let egress = crate::upstream::egress_for(flags, env, &host, port, "certificate service")
+            .map_err(|e| ServiceError::Config(e.0))?;
+        Ok(self.with_egress(egress))
     }
 
     fn unreachable(&self, reason: impl std::fmt::Display) -> ServiceError {
@@ -253,9 +280,15 @@ impl Service {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let tcp = TcpStream::connect((bare.as_str(), port))
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        let tcp = match &self.egress {
+            Some(e) => e
+                .tunnel(&bare, port)
+                .await
+                .map_err(|e| self.unreachable(e))?,
+            None => TcpStream::connect((bare.as_str(), port))
+                .await
+                .map_err(|e| self.unreachable(e))?,
+        };
         let name = ServerName::try_from(bare.clone()).map_err(|e| self.unreachable(e))?;
         let tls = TlsConnector::from(self.tls.clone())
             .connect(name, tcp)

@@ -129,23 +129,48 @@ impl UpstreamFactory {
 /// (the proxy's address only, never its credentials).
 fn decide_egress(cfg: &Config, env: &ProxyEnv) -> Result<Option<Arc<Egress>>, EgressError> {
     let t = &cfg.upstream;
-    match egress::resolve(cfg.egress_proxy.as_deref(), env, &t.host, t.port)? {
+    let flags = EgressFlags {
+        proxy: cfg.egress_proxy.as_deref(),
+        credentials_file: cfg.egress_proxy_credentials_file.as_deref(),
+    };
+    egress_for(&flags, env, &t.host, t.port, "upstream")
+}
+
+/// `--egress-proxy` and `--egress-proxy-credentials-file` as given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EgressFlags<'a> {
+    /// `--egress-proxy`.
+    pub proxy: Option<&'a str>,
+    /// `--egress-proxy-credentials-file`.
+    pub credentials_file: Option<&'a std::path::Path>,
+}
+
+/// How connections to `host:port` leave this machine, given the flags and the environment
+/// (`HTTPS_PROXY`, `NO_PROXY`); logs the choice for `what` ("upstream", "certificate service").
+pub fn egress_for(
+    flags: &EgressFlags<'_>,
+    env: &ProxyEnv,
+    host: &str,
+    port: u16,
+    what: &str,
+) -> Result<Option<Arc<Egress>>, EgressError> {
+    match egress::resolve(flags.proxy, env, host, port)? {
         Route::Direct(why) => {
-            if cfg.egress_proxy_credentials_file.is_some() {
+            if flags.credentials_file.is_some() {
                 tracing::warn!(
-                    "--egress-proxy-credentials-file is set but no egress proxy is used ({why})"
+                    "--egress-proxy-credentials-file is set but no egress proxy is used for the {what} ({why})"
                 );
             }
-            tracing::info!("upstream connections go direct ({why})");
+            tracing::info!("{what} connections go direct ({why})");
             Ok(None)
         }
         Route::Proxy(addr) => {
-            let e = Egress::new(addr, cfg.egress_proxy_credentials_file.as_deref())?;
+            let e = Egress::new(addr, flags.credentials_file)?;
             tracing::info!(
                 egress_proxy = %e.proxy(),
                 from = e.source,
                 credentials = e.has_credentials(),
-                "upstream connections tunnel through an HTTP proxy with CONNECT"
+                "{what} connections tunnel through an HTTP proxy with CONNECT"
             );
             Ok(Some(Arc::new(e)))
         }
