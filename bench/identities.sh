@@ -49,25 +49,8 @@ make_identity() { # id dir
 export -f make_identity
 xargs -P "$(nproc)" -I{} bash -c 'make_identity {} identities/{}' < ids.txt
 
-head -c 2048 /dev/zero | tr '\0' 'x' > body.json
 port=$((20000 + RANDOM % 20000))
-cat > nginx.conf <<NGINX
-daemon off; master_process off; worker_processes 1; error_log $work/error.log; pid $work/nginx.pid;
-events { worker_connections 4096; }
-http {
-  log_format who '\$ssl_client_serial';
-  access_log $work/access.log who;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/t1; proxy_temp_path $work/t2; fastcgi_temp_path $work/t3; uwsgi_temp_path $work/t4; scgi_temp_path $work/t5;
-  server {
-    listen 127.0.0.1:$port ssl;
-    ssl_certificate $work/server.pem; ssl_certificate_key $work/server.key;
-    ssl_client_certificate $work/ca.pem; ssl_verify_client on; ssl_verify_depth 2;
-    location / { default_type application/json; root $work; try_files /body.json =404; }
-  }
-}
-NGINX
-taskset -c 1 nginx -p "$work" -c "$work/nginx.conf" & pids+=($!)
+serial_upstream "$port" "ssl"
 
 listen=127.0.0.1:$((port + 1))
 admin=127.0.0.1:$((port + 2))

@@ -54,3 +54,27 @@ publish() {
 # rate WRK-OUTPUT: requests/s. bad WRK-OUTPUT: failed requests (non-2xx answers and socket errors).
 rate() { awk '/Requests\/sec/ {print $2}' "$1"; }
 bad() { awk '/Non-2xx/ {n+=$5} /Socket errors/ {gsub(/,/,""); n+=$4+$6+$8+$10} END {print n+0}' "$1"; }
+
+# serial_upstream PORT LISTEN-OPTIONS: an nginx upstream on CPU 1 at 127.0.0.1:PORT that requires
+# a client certificate from ca.pem, answers body.json (2 KiB) to every path, and logs each
+# request's client certificate serial to access.log. LISTEN-OPTIONS: "ssl" or "ssl http2".
+serial_upstream() {
+  head -c 2048 /dev/zero | tr '\0' 'x' > body.json
+  cat > nginx.conf <<NGINX
+daemon off; master_process off; worker_processes 1; error_log $work/error.log; pid $work/nginx.pid;
+events { worker_connections 4096; }
+http {
+  log_format serial '\$ssl_client_serial';
+  access_log $work/access.log serial;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/t1; proxy_temp_path $work/t2; fastcgi_temp_path $work/t3; uwsgi_temp_path $work/t4; scgi_temp_path $work/t5;
+  server {
+    listen 127.0.0.1:$1 $2;
+    ssl_certificate $work/server.pem; ssl_certificate_key $work/server.key;
+    ssl_client_certificate $work/ca.pem; ssl_verify_client on; ssl_verify_depth 2;
+    location / { default_type application/json; root $work; try_files /body.json =404; }
+  }
+}
+NGINX
+  taskset -c 1 nginx -p "$work" -c "$work/nginx.conf" & pids+=($!)
+}

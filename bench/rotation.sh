@@ -21,25 +21,8 @@ make_ca ec -pkeyopt ec_paramgen_curve:P-256
 issue server "/CN=localhost" "subjectAltName=DNS:localhost"
 for i in $(seq 0 11); do issue "client$i" "/CN=1234567-1/O=Bench Oy/C=FI" "extendedKeyUsage=clientAuth"; done
 
-head -c 2048 /dev/zero | tr '\0' 'x' > body.json
 port=$((20000 + RANDOM % 20000))
-cat > nginx.conf <<NGINX
-daemon off; master_process off; worker_processes 1; error_log $work/error.log; pid $work/nginx.pid;
-events { worker_connections 4096; }
-http {
-  log_format serial '\$ssl_client_serial';
-  access_log $work/access.log serial;
-  keepalive_requests 1000000;
-  client_body_temp_path $work/t1; proxy_temp_path $work/t2; fastcgi_temp_path $work/t3; uwsgi_temp_path $work/t4; scgi_temp_path $work/t5;
-  server {
-    listen 127.0.0.1:$port ssl http2;
-    ssl_certificate $work/server.pem; ssl_certificate_key $work/server.key;
-    ssl_client_certificate $work/ca.pem; ssl_verify_client on;
-    location / { default_type application/json; root $work; try_files /body.json =404; }
-  }
-}
-NGINX
-taskset -c 1 nginx -p "$work" -c "$work/nginx.conf" & pids+=($!)
+serial_upstream "$port" "ssl http2"
 
 # The identity as a Kubernetes secret volume mounts it.
 publish vol 0 client0.pem client0.key

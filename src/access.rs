@@ -98,6 +98,24 @@ pub fn id_str(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("invalid")
 }
 
+/// One access line of `$x` (an `Exchange`) at `$level`: the fields every line carries, with
+/// `{ ... }` (each field followed by a comma) between status and the identity, then the message.
+macro_rules! access_line {
+    ($level:ident, $x:expr, $status:expr, { $($field:tt)* } $(, $($msg:tt)+)?) => {
+        tracing::$level!(
+            target: "access",
+            request_id = %id_str(&$x.id),
+            method = %$x.method,
+            path = %$x.uri.path(),
+            status = $status,
+            $($field)*
+            serial = $x.identity.as_ref().map(|i| i.info.serial.as_str()),
+            organisation = $x.organisation.as_ref().map(|o| o.as_str()),
+            $($($msg)+)?
+        )
+    };
+}
+
 impl Exchange {
     /// Starts the record of a request.
     pub fn new<B>(id: HeaderValue, req: &Request<B>, metrics: Arc<Metrics>) -> Exchange {
@@ -130,19 +148,11 @@ impl Exchange {
             .upstream_errors
             .get_or_create(&Reason { reason: e.code() })
             .inc();
-        tracing::warn!(
-            target: "access",
-            request_id = %id_str(&self.id),
-            method = %self.method,
-            path = %self.uri.path(),
-            status,
+        access_line!(warn, self, status, {
             error = e.code(),
             ms = self.ms(),
             upstream_ms = self.upstream_ms,
-            serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
-            organisation = self.organisation.as_ref().map(|o| o.as_str()),
-            "{e}"
-        );
+        }, "{e}");
     }
 
     /// The upstream's answer has ended (`complete`), or was cut off.
@@ -157,24 +167,20 @@ impl Exchange {
             .record(&self.method, status, self.started.elapsed().as_secs_f64());
         self.metrics.request_bytes.inc_by(request_bytes);
         self.metrics.response_bytes.inc_by(response_bytes);
-        let fields = (id_str(&self.id), &self.method, self.uri.path());
         if complete {
-            tracing::info!(
-                target: "access",
-                request_id = %fields.0, method = %fields.1, path = %fields.2, status,
-                request_bytes, response_bytes, ms = self.ms(), upstream_ms = self.upstream_ms,
-                serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
-                organisation = self.organisation.as_ref().map(|o| o.as_str())
-            );
+            access_line!(info, self, status, {
+                request_bytes,
+                response_bytes,
+                ms = self.ms(),
+                upstream_ms = self.upstream_ms,
+            });
         } else {
-            tracing::warn!(
-                target: "access",
-                request_id = %fields.0, method = %fields.1, path = %fields.2, status,
-                request_bytes, response_bytes, ms = self.ms(), upstream_ms = self.upstream_ms,
-                serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
-                organisation = self.organisation.as_ref().map(|o| o.as_str()),
-                "the answer was cut off before its end (the application went away or the upstream failed mid-body)"
-            );
+            access_line!(warn, self, status, {
+                request_bytes,
+                response_bytes,
+                ms = self.ms(),
+                upstream_ms = self.upstream_ms,
+            }, "the answer was cut off before its end (the application went away or the upstream failed mid-body)");
         }
     }
 }
@@ -186,20 +192,13 @@ impl Drop for Exchange {
         if self.written {
             return;
         }
-        let status = CLIENT_WENT_AWAY;
-        self.metrics
-            .record(&self.method, status, self.started.elapsed().as_secs_f64());
-        tracing::warn!(
-            target: "access",
-            request_id = %id_str(&self.id),
-            method = %self.method,
-            path = %self.uri.path(),
-            status,
-            ms = self.ms(),
-            serial = self.identity.as_ref().map(|i| i.info.serial.as_str()),
-            organisation = self.organisation.as_ref().map(|o| o.as_str()),
-            "the application went away before the answer came; nothing was sent back to it"
+        self.metrics.record(
+            &self.method,
+            CLIENT_WENT_AWAY,
+            self.started.elapsed().as_secs_f64(),
         );
+        access_line!(warn, self, CLIENT_WENT_AWAY, { ms = self.ms(), },
+            "the application went away before the answer came; nothing was sent back to it");
     }
 }
 

@@ -479,7 +479,7 @@ impl Staged {
             proxy: ar.egress_proxy.as_deref(),
             credentials_file: ar.egress_proxy_credentials_file.as_deref(),
         };
-        let env = crate::upstream::egress::ProxyEnv::from_lookup(|k| std::env::var(k).ok());
+        let env = crate::upstream::egress::ProxyEnv::from_process();
         certsvc::Service::new(
             ar.environment,
             ar.service_url.as_deref(),

@@ -743,16 +743,20 @@ async fn signatures_interoperate_with_xmlsec1() {
         cur_dir.join("cert.pem").display()
     );
     let theirs = lab.path("theirs.xml");
-    let (ok, err) = xmlsec1(&[
-        "--sign",
-        "--privkey-pem",
-        &keycert,
-        "--output",
-        theirs.to_str().unwrap(),
-        tpl.to_str().unwrap(),
-    ]);
-    assert!(ok, "xmlsec1 --sign failed: {err}");
-    let text = std::fs::read_to_string(&theirs).unwrap();
+    // xmlsec1 signs the template in `tpl` with the current key; the signed document's text.
+    let sign_with_xmlsec1 = || {
+        let (ok, err) = xmlsec1(&[
+            "--sign",
+            "--privkey-pem",
+            &keycert,
+            "--output",
+            theirs.to_str().unwrap(),
+            tpl.to_str().unwrap(),
+        ]);
+        assert!(ok, "xmlsec1 --sign failed: {err}");
+        std::fs::read_to_string(&theirs).unwrap()
+    };
+    let text = sign_with_xmlsec1();
     let envelope = xml::envelope(
         text.trim_start_matches(|c| c != '>')
             .trim_start_matches('>')
@@ -785,16 +789,7 @@ async fn signatures_interoperate_with_xmlsec1() {
             "",
         );
     std::fs::write(&tpl, inclusive).unwrap();
-    let (ok, err) = xmlsec1(&[
-        "--sign",
-        "--privkey-pem",
-        &keycert,
-        "--output",
-        theirs.to_str().unwrap(),
-        tpl.to_str().unwrap(),
-    ]);
-    assert!(ok, "xmlsec1 --sign failed: {err}");
-    let text = std::fs::read_to_string(&theirs).unwrap();
+    let text = sign_with_xmlsec1();
     assert!(text.contains("REC-xml-c14n-20010315"));
     let doc = Document::parse(&text).unwrap();
     let ca = CertificateDer::from_pem_slice(lab.svc.issuing_ca_pem.as_bytes()).unwrap();

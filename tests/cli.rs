@@ -227,14 +227,8 @@ async fn on_one_cpu_the_single_threaded_scheduler_serves_concurrent_clients() {
 
 #[tokio::test]
 async fn a_request_whose_application_leaves_before_the_answer_still_gets_an_access_line() {
-    use tokio::io::AsyncWriteExt;
     let mut s = Spawned::start("127.0.0.1:0", &[]).await;
-    let mut app = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
-    app.write_all(b"GET /block?secret=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    s.lab.wait_blocked(1).await;
-    drop(app);
+    leave_before_the_answer(s.addr(), &s.lab, "/block?secret=1").await;
     let line = s
         .proc
         .wait_line("went away before the answer", Duration::from_secs(10))

@@ -424,14 +424,8 @@ async fn a_connection_still_being_made_when_its_application_goes_away_serves_the
 
 #[tokio::test]
 async fn a_connection_whose_answer_is_still_coming_when_its_application_goes_away_serves_again() {
-    use tokio::io::AsyncWriteExt;
     let s = Setup::with(http1_only(), &[]).await;
-    let mut app = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    app.write_all(b"GET /block HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    s.lab.wait_blocked(1).await;
-    drop(app);
+    leave_before_the_answer(s.addr, &s.lab, "/block").await;
     s.lab.gate.add_permits(1);
     let upstream = s.proxy.in_service().unwrap();
     tokio::time::timeout(Duration::from_secs(10), upstream.pool.idle_at_least(1))
@@ -444,14 +438,8 @@ async fn a_connection_whose_answer_is_still_coming_when_its_application_goes_awa
 
 #[tokio::test]
 async fn an_answer_that_does_not_come_after_its_application_left_does_not_hold_the_connection() {
-    use tokio::io::AsyncWriteExt;
     let s = Setup::with(http1_only(), &[]).await;
-    let mut app = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    app.write_all(b"GET /block HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    s.lab.wait_blocked(1).await;
-    drop(app);
+    leave_before_the_answer(s.addr, &s.lab, "/block").await;
     // The upstream never answers: the connection is given up, not kept waiting for it.
     let upstream = s.proxy.in_service().unwrap();
     tokio::time::timeout(

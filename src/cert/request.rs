@@ -91,7 +91,7 @@ impl ServiceArgs {
             proxy: self.egress_proxy.as_deref(),
             credentials_file: self.egress_proxy_credentials_file.as_deref(),
         };
-        let env = crate::upstream::egress::ProxyEnv::from_lookup(|k| std::env::var(k).ok());
+        let env = crate::upstream::egress::ProxyEnv::from_process();
         Ok(Service::new(
             self.environment,
             self.service_url.as_deref(),

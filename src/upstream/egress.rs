@@ -35,8 +35,13 @@ pub struct ProxyEnv {
 }
 
 impl ProxyEnv {
-    /// Picks the variables through `lookup` (the caller passes `std::env::var`); an empty value
-    /// counts as unset, as curl and Go treat it.
+    /// This process's environment.
+    pub fn from_process() -> ProxyEnv {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Picks the variables through `lookup` (tests pass their own; `from_process` reads the
+    /// environment); an empty value counts as unset, as curl and Go treat it.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> ProxyEnv {
         let first = |names: [&'static str; 2]| {
             names

@@ -49,7 +49,7 @@ impl UpstreamFactory {
     /// (from the config and `HTTPS_PROXY`/`NO_PROXY`) and logs it.
     pub fn new(cfg: Arc<Config>, roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>) -> Self {
         let conn_limit = ConnLimit::new(cfg.max_upstream_concurrency);
-        let env = ProxyEnv::from_lookup(|name| std::env::var(name).ok());
+        let env = ProxyEnv::from_process();
         let egress = decide_egress(&cfg, &env);
         UpstreamFactory {
             cfg,

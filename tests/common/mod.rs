@@ -227,6 +227,18 @@ pub fn lab_handler(lab: Arc<Lab>) -> Handler {
     })
 }
 
+/// Sends `GET target` (a `/block` path) over raw TCP to the proxy at `addr`, waits until the
+/// upstream holds it, then closes the connection: an application going away before its answer.
+pub async fn leave_before_the_answer(addr: SocketAddr, lab: &Lab, target: &str) {
+    use tokio::io::AsyncWriteExt;
+    let before = lab.blocked.load(Ordering::SeqCst);
+    let mut app = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    app.write_all(req.as_bytes()).await.unwrap();
+    lab.wait_blocked(before + 1).await;
+    drop(app);
+}
+
 /// A test PKI with files on disk: CA, client identity, and an upstream that trusts the CA.
 pub struct Pki {
     pub ca: TestPki,
