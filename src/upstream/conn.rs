@@ -70,11 +70,11 @@ impl Awaited {
 
 impl Drop for Awaited {
     fn drop(&mut self) {
-        if let (Some(answer), Some(back), Ok(rt)) = (
-            self.answer.take(),
-            self.back.take(),
-            tokio::runtime::Handle::try_current(),
-        ) {
+        // On every request the answer has come: nothing to do, and no runtime lookup for it.
+        let (Some(answer), Some(back)) = (self.answer.take(), self.back.take()) else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 // Not for long: an answer that is slow to start keeps a connection (and its
                 // place under the cap) from everyone else.
