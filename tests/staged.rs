@@ -357,6 +357,15 @@ async fn auto_rig(fail: Option<vero_proxy::certsvc::answer::ErrorInfo>) -> AutoR
 }
 
 impl AutoRig {
+    /// Renewal requests the stand-in certificate service has received.
+    fn renewals(&self) -> usize {
+        self.svc
+            .received()
+            .iter()
+            .filter(|r| r.soap_action == "renewCertificate")
+            .count()
+    }
+
     async fn wait(&self, phase: Phase, containing: &str) -> vero_proxy::staged::StagedState {
         let staged = self.proxy.orgs.only().unwrap().staged.clone().unwrap();
         wait_phase(&staged, phase, containing).await
@@ -410,13 +419,7 @@ async fn auto_renewal_then_staged_activation_under_traffic_loses_nothing() {
     load.progress(100).await;
     let served = finish_on(&rig.lab, load, &renewed_serial).await;
     // Renewed once, not again now that a newer identity is in service.
-    let renewals = rig
-        .svc
-        .received()
-        .iter()
-        .filter(|r| r.soap_action == "renewCertificate")
-        .count();
-    assert_eq!(renewals, 1);
+    assert_eq!(rig.renewals(), 1);
     let metrics = send(rig.proxy.admin, get("/metrics")).await;
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(
@@ -479,13 +482,7 @@ async fn a_failed_auto_renewal_shows_the_services_words_and_keeps_serving() {
     // Not tried again before the pause is over.
     rx.changed().await.unwrap();
     rx.changed().await.unwrap();
-    let renewals = rig
-        .svc
-        .received()
-        .iter()
-        .filter(|r| r.soap_action == "renewCertificate")
-        .count();
-    assert_eq!(renewals, 1);
+    assert_eq!(rig.renewals(), 1);
 }
 
 #[tokio::test]
