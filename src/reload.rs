@@ -14,7 +14,7 @@ use crate::business_id::BusinessId;
 use crate::identity::{self, rfc3339, Identity, IdentitySource, Thresholds};
 use crate::metrics::{Metrics, ReloadResult};
 use crate::upstream::limit::Limiter;
-use crate::upstream::{self, SharedUpstream, UpstreamFactory};
+use crate::upstream::{self, SharedUpstream, Upstream, UpstreamFactory};
 
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,11 +197,27 @@ impl Reloader {
         let current = self.shared.load_full();
         match self.factory.refresh(&current) {
             Ok(next) => {
+                let warmed = self.warm(&next).await;
                 upstream::swap(&self.shared, next);
-                tracing::debug!("upstream pool replaced (--upstream-max-connection-age)");
+                tracing::debug!(
+                    warmed,
+                    "upstream pool replaced (--upstream-max-connection-age)"
+                );
             }
             Err(e) => tracing::warn!(error = %e, "could not replace the upstream pool"),
         }
+    }
+
+    /// Opens a new pool's connections before it goes into service, so a swap is not a
+    /// handshake storm: as many as the old pool has requests in flight, and one at least. That
+    /// one also tells the new pool whether the upstream speaks HTTP/2; a cold pool does not know,
+    /// so a burst of requests on it would each open a connection of their own. Bounded by free
+    /// connection permits and the connect timeout; returns how many opened.
+    async fn warm(&self, next: &Upstream) -> usize {
+        let want = self.limiter.in_flight().max(1);
+        tokio::time::timeout(self.factory.connect_timeout(), next.pool.warm(want))
+            .await
+            .unwrap_or(0)
     }
 
     async fn reload_once(&self, trigger: &str) -> Outcome {
@@ -246,12 +262,7 @@ impl Reloader {
             Ok(n) => n,
             Err(e) => return Outcome::Failed(e.to_string()),
         };
-        // As many handshakes as the old pool has requests in flight, done before the swap, so
-        // the swap is not a handshake storm. Bounded by free connection permits and time.
-        let want = self.limiter.in_flight().max(1);
-        let warmed = tokio::time::timeout(self.factory.connect_timeout(), next.pool.warm(want))
-            .await
-            .unwrap_or(0);
+        let warmed = self.warm(&next).await;
         log_identity(&next.identity, "identity reloaded");
         next.identity
             .info

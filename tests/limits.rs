@@ -310,6 +310,47 @@ async fn the_pool_is_replaced_after_the_max_connection_age() {
 }
 
 #[tokio::test]
+async fn a_replaced_pool_is_warm_so_a_burst_on_it_is_no_handshake_storm() {
+    // Each replacement (--upstream-max-connection-age) makes the new pool's connection before
+    // it goes into service. A cold pool did not yet know that the upstream speaks HTTP/2, so
+    // requests arriving together on it each opened a connection of their own (bench/compare.sh
+    // saw 63 handshakes at once and twice the memory, every five minutes).
+    let s = Setup::new(&["--upstream-max-connection-age", "1s"]).await;
+    assert_eq!(s.get("/x").await.status, 200);
+    let in_service = || std::sync::Arc::as_ptr(&s.proxy.in_service().unwrap());
+    for _ in 0..5 {
+        let old = in_service();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while in_service() == old {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pool was never replaced"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (pool, before) = (in_service(), s.upstream.handshakes.load(Ordering::SeqCst));
+        let addr = s.addr;
+        let burst: Vec<_> = (0..32)
+            .map(|_| tokio::spawn(async move { send(addr, get("/x")).await.status }))
+            .collect();
+        for t in burst {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+        if in_service() != pool {
+            continue; // replaced again during the burst: measure on the next pool
+        }
+        // The next pool may be warming already (one handshake); a cold pool would take 32.
+        let made = s.upstream.handshakes.load(Ordering::SeqCst) - before;
+        assert!(
+            made <= 1,
+            "32 requests on a replaced pool made {made} connections"
+        );
+        return;
+    }
+    panic!("every burst straddled a pool replacement");
+}
+
+#[tokio::test]
 async fn http2_connections_the_upstream_closes_are_replaced_without_a_storm() {
     // The upstream closes each HTTP/2 connection gracefully (GOAWAY) after 20 requests. Requests
     // arriving meanwhile wait for the one new connection instead of each opening their own.
