@@ -17,6 +17,8 @@ use crate::error::ProxyError;
 pub struct Gate {
     names: HashSet<String>,
     listen_ip: Option<IpAddr>,
+    /// The listen address as text, for `usual_local_host`.
+    listen_text: Option<String>,
 }
 
 /// The host part of an authority, lower case, without brackets, port or trailing dot (copied
@@ -46,7 +48,36 @@ impl Gate {
             ListenAddr::Tcp(a) => Some(a.ip()),
             ListenAddr::Unix(_) => None,
         };
-        Gate { names, listen_ip }
+        Gate {
+            names,
+            listen_ip,
+            listen_text: listen_ip.map(|ip| ip.to_string()),
+        }
+    }
+
+    /// A `Host` almost every local application sends: `localhost`, `127.0.0.1` or the listen
+    /// address, with or without a port. Settled without parsing it as an authority (which
+    /// copies it); every other value takes the full check, which admits these too.
+    fn usual_local_host(&self, raw: &[u8]) -> bool {
+        let host = match raw.iter().rposition(|&b| b == b':') {
+            Some(i) => {
+                let port = &raw[i + 1..];
+                let number = port.iter().try_fold(0u32, |n, &d| {
+                    d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+                });
+                if !(1..=5).contains(&port.len()) || number.is_none_or(|n| n > 65535) {
+                    return false;
+                }
+                &raw[..i]
+            }
+            None => raw,
+        };
+        host.eq_ignore_ascii_case(b"localhost")
+            || host == b"127.0.0.1"
+            || self
+                .listen_text
+                .as_ref()
+                .is_some_and(|l| l.as_bytes() == host)
     }
 
     /// Whether `host` (no port) is a name the proxy answers to.
@@ -62,6 +93,17 @@ impl Gate {
 
     /// Refuses CONNECT-like misuse, foreign authorities, unknown Host names and cross-site requests.
     pub fn check<B>(&self, req: &Request<B>, target: &UpstreamTarget) -> Result<(), ProxyError> {
+        self.check_as(req, target, true)
+    }
+
+    /// `check`, told whether the request carries `Origin` or `Sec-Fetch-Site` (the proxy has
+    /// looked at every header name once already; a lookup of an absent name still hashes it).
+    pub fn check_as<B>(
+        &self,
+        req: &Request<B>,
+        target: &UpstreamTarget,
+        browser_headers: bool,
+    ) -> Result<(), ProxyError> {
         // Absolute-form (or an HTTP/2 :authority): it must name us or the upstream.
         let mut host_checked = false;
         if let Some(auth) = req.uri().authority() {
@@ -82,16 +124,26 @@ impl Gate {
         }
         if !host_checked {
             if let Some(h) = req.headers().get(header::HOST) {
-                let raw = h.to_str().unwrap_or("");
-                let ok = raw
-                    .parse::<Authority>()
-                    .map(|a| self.allows_host(&host_of(&a)))
-                    .unwrap_or(false);
-                if !ok {
-                    return Err(ProxyError::ForbiddenHost(raw.to_owned()));
+                if !self.usual_local_host(h.as_bytes()) {
+                    let raw = h.to_str().unwrap_or("");
+                    let ok = raw
+                        .parse::<Authority>()
+                        .map(|a| self.allows_host(&host_of(&a)))
+                        .unwrap_or(false);
+                    if !ok {
+                        return Err(ProxyError::ForbiddenHost(raw.to_owned()));
+                    }
                 }
             }
         }
+        if browser_headers {
+            self.browser_checks(req)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses what a web page sent: a cross-site fetch, or an origin that is not ours.
+    fn browser_checks<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
         if let Some(site) = req.headers().get(&SEC_FETCH_SITE) {
             if site.as_bytes().eq_ignore_ascii_case(b"cross-site") {
                 return Err(ProxyError::CrossSiteRequest(
@@ -168,6 +220,34 @@ mod tests {
             "ok",
             "HTTP/1.0 without Host"
         );
+    }
+
+    #[test]
+    fn the_usual_local_hosts_are_settled_without_parsing_and_nothing_else_is() {
+        let g = Gate::new(&ListenAddr::Tcp("192.0.2.7:8080".parse().unwrap()), &[]);
+        for h in [
+            "localhost",
+            "LocalHost:8080",
+            "127.0.0.1",
+            "127.0.0.1:65535",
+            "192.0.2.7:1",
+        ] {
+            assert!(g.usual_local_host(h.as_bytes()), "{h}");
+        }
+        for h in [
+            "localhost:",
+            "localhost:65536",
+            "localhost:123456",
+            "localhost:8o",
+            "localhost.:80",
+            "127.0.0.1.evil:80",
+            "[::1]:80",
+            "::1",
+            "evil.example",
+            "192.0.2.8:80",
+        ] {
+            assert!(!g.usual_local_host(h.as_bytes()), "{h}");
+        }
     }
 
     #[test]

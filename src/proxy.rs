@@ -68,6 +68,9 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// `TE`'s index in `HOP_BY_HOP`.
+const TE: usize = 5;
+
 /// Where a name is in `HOP_BY_HOP` (a match on the text: cheaper than comparing names).
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     match name.as_str() {
@@ -83,28 +86,71 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     }
 }
 
+/// Which of the names the proxy looks at a request carries, found in one pass over its header
+/// names: looking up or removing a name the message does not carry still hashes it, and most
+/// requests carry only `Host` of these.
+#[derive(Default)]
+struct Names {
+    /// By `HOP_BY_HOP` index.
+    hop: [bool; HOP_BY_HOP.len()],
+    host: bool,
+    organisation: bool,
+    expect: bool,
+    via: bool,
+    request_id: bool,
+    /// `Origin` or `Sec-Fetch-Site`: what a web browser adds.
+    browser: bool,
+}
+
+impl Names {
+    fn of(headers: &HeaderMap) -> Names {
+        let mut n = Names::default();
+        for name in headers.keys() {
+            match name.as_str() {
+                "host" => n.host = true,
+                ORG_HEADER => n.organisation = true,
+                "expect" => n.expect = true,
+                "via" => n.via = true,
+                "x-request-id" => n.request_id = true,
+                "origin" | "sec-fetch-site" => n.browser = true,
+                _ => {
+                    if let Some(i) = hop_by_hop_index(name) {
+                        n.hop[i] = true;
+                    }
+                }
+            }
+        }
+        n
+    }
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Each removal hashes its name: look first (most messages carry none, or only
-    // `Connection`), and remove only what is there.
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
         if let Some(i) = hop_by_hop_index(name) {
             present[i] = true;
         }
     }
+    strip_present(headers, present);
+}
+
+/// `strip_hop_by_hop` once the hop-by-hop names the message carries are known: each removal
+/// hashes its name, so only what is there is removed (most messages carry none, or only
+/// `Connection`).
+fn strip_present(headers: &mut HeaderMap, present: [bool; HOP_BY_HOP.len()]) {
     if !present.contains(&true) {
         return;
     }
-    // Names that `Connection` lists and the message carries ("close" or "keep-alive" usually
-    // name no header: nothing to allocate for them).
+    // Names that `Connection` lists and the message carries. `keep-alive`, the usual one, is
+    // removed below with the other hop-by-hop names, so it is not looked up by text here.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|n| headers.contains_key(*n))
+        .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && headers.contains_key(*n))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
@@ -124,9 +170,14 @@ impl Proxy {
         req: Request<Incoming>,
         route: Route,
     ) -> Response<ProxyBody> {
-        let id = request_id_of(&req).unwrap_or_else(|| self.ids.next());
+        let names = Names::of(req.headers());
+        let id = names
+            .request_id
+            .then(|| request_id_of(&req))
+            .flatten()
+            .unwrap_or_else(|| self.ids.next());
         let mut log = Some(Exchange::new(id.clone(), &req, self.metrics.clone()));
-        let mut resp = match self.forward(req, route, &mut log).await {
+        let mut resp = match self.forward(req, names, route, &mut log).await {
             Ok(resp) => resp,
             Err(e) => {
                 if let Some(log) = log.take() {
@@ -143,6 +194,7 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
+        names: Names,
         route: Route,
         log: &mut Option<Exchange>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -152,15 +204,20 @@ impl Proxy {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
         }
-        self.gate.check(&req, &self.target)?;
-        let org = self
-            .orgs
-            .select(route, req.headers().get_all(&ORG_HEADER_NAME))?;
+        self.gate.check_as(&req, &self.target, names.browser)?;
+        let org = self.orgs.select(
+            route,
+            names
+                .organisation
+                .then(|| req.headers().get_all(&ORG_HEADER_NAME))
+                .into_iter()
+                .flatten(),
+        )?;
         if let Some(l) = log.as_mut() {
             l.organisation = org.organisation();
         }
 
-        let (mut head, body) = self.rewrite(req).into_parts();
+        let (mut head, body) = self.rewrite(req, &names).into_parts();
         if let Some(l) = log.as_ref() {
             head.headers.insert(&X_REQUEST_ID, l.id.clone());
         }
@@ -282,29 +339,38 @@ impl Proxy {
 
     /// The request as it goes upstream: base path + path and query byte for byte, hop-by-hop
     /// headers removed, `Via` added, configured headers set.
-    fn rewrite(&self, req: Request<Incoming>) -> Request<Incoming> {
+    fn rewrite(&self, req: Request<Incoming>, names: &Names) -> Request<Incoming> {
         let (mut parts, body) = req.into_parts();
-        let wants_trailers = parts
-            .headers
-            .get_all(header::TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
+        let wants_trailers = names.hop[TE]
+            && parts
+                .headers
+                .get_all(header::TE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+                });
+        // Removals and lookups below still cope with a name `Connection` listed and took away.
+        strip_present(&mut parts.headers, names.hop);
+        if names.host {
+            parts.headers.remove(header::HOST);
+        }
         // Meant for the proxy: which identity to use.
-        parts.headers.remove(&ORG_HEADER_NAME);
+        if names.organisation {
+            parts.headers.remove(&ORG_HEADER_NAME);
+        }
         // hyper's server already answered the application's Expect: 100-continue.
-        parts.headers.remove(header::EXPECT);
+        if names.expect {
+            parts.headers.remove(header::EXPECT);
+        }
         if wants_trailers {
             parts
                 .headers
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        let via = match parts.headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        let prev = names.via.then(|| parts.headers.get(header::VIA)).flatten();
+        let via = match prev.and_then(|v| v.to_str().ok()) {
             Some(prev) => HeaderValue::from_str(&format!("{prev}, 1.1 vero-proxy"))
                 .unwrap_or(HeaderValue::from_static("1.1 vero-proxy")),
             None => HeaderValue::from_static("1.1 vero-proxy"),
@@ -433,5 +499,6 @@ mod tests {
         for (i, n) in HOP_BY_HOP.iter().enumerate() {
             assert_eq!(hop_by_hop_index(n), Some(i));
         }
+        assert_eq!(HOP_BY_HOP[TE], header::TE);
     }
 }

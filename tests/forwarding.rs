@@ -60,6 +60,21 @@ async fn forwards_path_query_and_headers_and_presents_the_client_certificate() {
 }
 
 #[tokio::test]
+async fn a_via_the_application_sent_is_kept_with_ours_after_it() {
+    let s = Setup::new(&[]).await;
+    let req = Request::get("/v")
+        .header("host", "localhost")
+        .header("via", "1.0 payroll-gateway")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(s.send(req).await.status, 200);
+    assert_eq!(
+        s.lab.last().headers["via"],
+        "1.0 payroll-gateway, 1.1 vero-proxy"
+    );
+}
+
+#[tokio::test]
 async fn host_is_the_upstream_authority_over_http1() {
     let s = Setup::with(
         UpstreamSpec {
