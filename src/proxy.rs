@@ -296,7 +296,10 @@ impl Proxy {
         let mut req = head.into_request(body);
         let (mut fresh_connection, mut refusals) = (false, 0);
         loop {
-            let conn = if fresh_connection {
+            // A stale HTTP/1.1 connection is followed by a new one of the request's own; a stale
+            // HTTP/2 one (already forgotten by the pool) by the pool's next shared one, so the
+            // requests it failed together do not each make a connection.
+            let conn = if fresh_connection && !upstream.pool.speaks_h2() {
                 upstream.pool.connect().await?
             } else {
                 upstream.pool.checkout().await?

@@ -227,7 +227,9 @@ impl Conn {
                         let request = e.take_message();
                         let error = e.into_error();
                         let refused = refused_unprocessed(&error);
-                        if refused {
+                        // Refused, or not sent at all (the connection is closing): no request
+                        // may take it again, or each would make its own new one.
+                        if refused || request.is_some() {
                             if let Some(pool) = self.pool.upgrade() {
                                 pool.forget_h2(&self.failure);
                             }

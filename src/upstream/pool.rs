@@ -93,7 +93,10 @@ pub(super) struct Inner {
 enum Checkout {
     Ready(Conn),
     WaitForH2,
-    Connect,
+    /// Make a connection; `claimed_h2`: the one new HTTP/2 connection, which others wait for.
+    Connect {
+        claimed_h2: bool,
+    },
 }
 
 /// A pool of connections for one identity. Cheap to share: clone the `Arc` around it.
@@ -159,20 +162,25 @@ impl Pool {
                 tokio::pin!(parked);
                 // Registered before looking, so a connection parked in between is not missed.
                 parked.as_mut().enable();
-                let waiting_for_h2 = match self.inner.take_idle_or_claim_h2() {
+                let claimed_h2 = match self.inner.take_idle_or_claim_h2() {
                     Checkout::Ready(conn) => return Ok(Err(conn)),
-                    Checkout::WaitForH2 => true,
-                    Checkout::Connect => false,
+                    Checkout::WaitForH2 => {
+                        parked.await;
+                        continue;
+                    }
+                    Checkout::Connect { claimed_h2 } => claimed_h2,
                 };
-                if waiting_for_h2 {
-                    parked.await;
-                    continue;
-                }
                 tokio::select! {
                     slot = self.inner.settings.conn_limit.acquire() => {
                         return slot.map(Ok).ok_or(ProxyError::ShuttingDown);
                     }
-                    _ = parked => {}
+                    _ = parked => {
+                        // Looking again: a claim kept meanwhile would have everyone (this
+                        // request too) wait for a connection nobody is making.
+                        if claimed_h2 {
+                            self.inner.unclaim_h2();
+                        }
+                    }
                 }
             }
         };
@@ -279,6 +287,11 @@ impl Pool {
         }
     }
 
+    /// Whether the upstream agreed to HTTP/2 on the last connection made.
+    pub fn speaks_h2(&self) -> bool {
+        self.inner.speaks_h2.load(Ordering::Relaxed)
+    }
+
     /// Counters.
     pub fn stats(&self) -> &PoolStats {
         &self.inner.stats
@@ -311,17 +324,25 @@ impl Inner {
         if let Some(conn) = self.take_idle() {
             return Checkout::Ready(conn);
         }
+        let unclaimed = Checkout::Connect { claimed_h2: false };
         if !self.speaks_h2.load(Ordering::Relaxed) {
-            return Checkout::Connect;
+            return unclaimed;
         }
         let Ok(mut st) = self.state.lock() else {
-            return Checkout::Connect;
+            return unclaimed;
         };
         if st.h2_connecting {
             Checkout::WaitForH2
         } else {
             st.h2_connecting = true;
-            Checkout::Connect
+            Checkout::Connect { claimed_h2: true }
+        }
+    }
+
+    /// Gives up a claim to make the HTTP/2 connection before making it.
+    fn unclaim_h2(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.h2_connecting = false;
         }
     }
 
