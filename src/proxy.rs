@@ -204,7 +204,7 @@ impl Proxy {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
         }
-        self.gate.check_as(&req, &self.target, names.browser)?;
+        self.gate.check(&req, &self.target, names.browser)?;
         let org = self.orgs.select(
             route,
             names
@@ -295,17 +295,19 @@ impl Proxy {
         let mut backup: Option<(Head, bytes::Bytes)> = None;
         let mut req = head.into_request(body);
         let (mut fresh_connection, mut refusals) = (false, 0);
+        // A stale HTTP/1.1 connection is followed by a new one of the request's own; a stale
+        // HTTP/2 one (already forgotten by the pool) by the pool's next shared one, so the
+        // requests it failed together do not each make a connection.
+        let mut own_connection = false;
         loop {
-            // A stale HTTP/1.1 connection is followed by a new one of the request's own; a stale
-            // HTTP/2 one (already forgotten by the pool) by the pool's next shared one, so the
-            // requests it failed together do not each make a connection.
-            let conn = if fresh_connection && !upstream.pool.speaks_h2() {
+            let conn = if own_connection {
                 upstream.pool.connect().await?
             } else {
                 upstream.pool.checkout().await?
             };
             let reused = conn.reused;
-            if backup.is_none() && conn.is_h2() {
+            let h2 = conn.is_h2();
+            if backup.is_none() && h2 {
                 if let RequestBody::Full(Some(b)) = req.body() {
                     backup = Some((Head::of(&req), b.clone()));
                 }
@@ -321,6 +323,7 @@ impl Proxy {
                     tracing::debug!(error = %error, "pooled connection was closed; retrying on a new one");
                     req = unsent;
                     fresh_connection = true;
+                    own_connection = !h2;
                 }
                 Err(e) if e.refused_unprocessed && refusals < REFUSED_RETRIES => {
                     let Some((head, bytes)) = backup.clone() else {
@@ -333,7 +336,7 @@ impl Proxy {
                     refusals += 1;
                     tracing::debug!(error = %e.error, refusals, "the upstream refused the stream unprocessed; sending it again");
                     req = head.into_request(RequestBody::Full(Some(bytes)));
-                    fresh_connection = false;
+                    (fresh_connection, own_connection) = (false, false);
                 }
                 Err(e) => return Err(self.classify(e, &who(), "on every try")),
             }

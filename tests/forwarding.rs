@@ -344,6 +344,25 @@ async fn abandon_answer(addr: std::net::SocketAddr, path: &str) {
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
 }
 
+/// Waits (at most 10 s) until a connection of the upstream in service is idle in its pool.
+async fn idle_in_pool(proxy: &vero_proxy::app::Running, or_else: &str) {
+    let upstream = proxy.in_service().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), upstream.pool.idle_at_least(1))
+        .await
+        .expect(or_else);
+}
+
+/// Waits (at most 10 s) until the upstream in service has no connection open.
+async fn all_closed(proxy: &vero_proxy::app::Running, or_else: &str) {
+    let upstream = proxy.in_service().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        upstream.connections.open_at_most(0),
+    )
+    .await
+    .expect(or_else);
+}
+
 fn http1_only() -> UpstreamSpec<'static> {
     UpstreamSpec {
         alpn: &[b"http/1.1"],
@@ -355,10 +374,11 @@ fn http1_only() -> UpstreamSpec<'static> {
 async fn a_short_answer_the_application_abandons_is_read_off_and_its_connection_reused() {
     let s = Setup::with(http1_only(), &[]).await;
     abandon_answer(s.addr, "/bytes/524288").await;
-    let upstream = s.proxy.in_service().unwrap();
-    tokio::time::timeout(Duration::from_secs(10), upstream.pool.idle_at_least(1))
-        .await
-        .expect("the abandoned answer's connection never came back to the pool");
+    idle_in_pool(
+        &s.proxy,
+        "the abandoned answer's connection never came back to the pool",
+    )
+    .await;
     assert_eq!(s.get("/x").await.status, 200);
     let conns: Vec<_> = s.lab.received().iter().map(|r| r.seen.connection).collect();
     assert_eq!(
@@ -374,14 +394,12 @@ async fn a_long_answer_the_application_abandons_closes_its_connection() {
     let s = Setup::with(http1_only(), &[]).await;
     // 64 MiB: far more than is worth reading for nobody.
     abandon_answer(s.addr, "/bytes/67108864").await;
-    let upstream = s.proxy.in_service().unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        upstream.connections.open_at_most(0),
+    all_closed(
+        &s.proxy,
+        "the abandoned long answer's connection was kept open",
     )
-    .await
-    .expect("the abandoned long answer's connection was kept open");
-    assert_eq!(upstream.pool.idle_count(), 0);
+    .await;
+    assert_eq!(s.proxy.in_service().unwrap().pool.idle_count(), 0);
     assert_eq!(s.get("/x").await.status, 200);
     let conns: Vec<_> = s.lab.received().iter().map(|r| r.seen.connection).collect();
     assert_eq!(conns, vec![1, 2]);
@@ -422,10 +440,11 @@ async fn a_connection_still_being_made_when_its_application_goes_away_serves_the
     accepted.notified().await;
     drop(app);
     go_on.add_permits(100);
-    let upstream = proxy.in_service().unwrap();
-    tokio::time::timeout(Duration::from_secs(10), upstream.pool.idle_at_least(1))
-        .await
-        .expect("the connection made for a request that went away was not kept");
+    idle_in_pool(
+        &proxy,
+        "the connection made for a request that went away was not kept",
+    )
+    .await;
     let answer = send(addr, get("/y")).await;
     assert_eq!(answer.status, 200);
     assert_eq!(up.handshakes.load(Ordering::SeqCst), 1);
@@ -442,10 +461,11 @@ async fn a_connection_whose_answer_is_still_coming_when_its_application_goes_awa
     let s = Setup::with(http1_only(), &[]).await;
     leave_before_the_answer(s.addr, &s.lab, "/block").await;
     s.lab.gate.add_permits(1);
-    let upstream = s.proxy.in_service().unwrap();
-    tokio::time::timeout(Duration::from_secs(10), upstream.pool.idle_at_least(1))
-        .await
-        .expect("the connection was closed under an answer on its way");
+    idle_in_pool(
+        &s.proxy,
+        "the connection was closed under an answer on its way",
+    )
+    .await;
     assert_eq!(s.get("/x").await.status, 200);
     let conns: Vec<_> = s.lab.received().iter().map(|r| r.seen.connection).collect();
     assert_eq!(conns, vec![1, 1]);
@@ -456,12 +476,10 @@ async fn an_answer_that_does_not_come_after_its_application_left_does_not_hold_t
     let s = Setup::with(http1_only(), &[]).await;
     leave_before_the_answer(s.addr, &s.lab, "/block").await;
     // The upstream never answers: the connection is given up, not kept waiting for it.
-    let upstream = s.proxy.in_service().unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        upstream.connections.open_at_most(0),
+    all_closed(
+        &s.proxy,
+        "a connection stayed open waiting for an answer nobody wants",
     )
-    .await
-    .expect("a connection stayed open waiting for an answer nobody wants");
+    .await;
     s.lab.gate.add_permits(1);
 }

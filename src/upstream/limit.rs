@@ -166,20 +166,25 @@ impl ConnLimit {
 
     /// Waits until at most `n` connections are open or connecting.
     pub async fn open_at_most(&self, n: usize) {
-        loop {
-            let closed = self.closed.notified();
-            tokio::pin!(closed);
-            // Registered before looking, so a close in between is not missed.
-            closed.as_mut().enable();
-            if self.open() <= n {
-                return;
-            }
-            closed.await;
-        }
+        until(&self.closed, || self.open() <= n).await;
     }
 
     /// The most connections ever open or connecting at once.
     pub fn peak(&self) -> usize {
         self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits until `done` holds, looking again each time `changed` is notified. Registered before
+/// each look, so a change in between is not missed.
+pub(crate) async fn until(changed: &tokio::sync::Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
     }
 }

@@ -287,11 +287,6 @@ impl Pool {
         }
     }
 
-    /// Whether the upstream agreed to HTTP/2 on the last connection made.
-    pub fn speaks_h2(&self) -> bool {
-        self.inner.speaks_h2.load(Ordering::Relaxed)
-    }
-
     /// Counters.
     pub fn stats(&self) -> &PoolStats {
         &self.inner.stats
@@ -304,16 +299,7 @@ impl Pool {
 
     /// Waits until at least `n` HTTP/1.1 connections are idle.
     pub async fn idle_at_least(&self, n: usize) {
-        loop {
-            let parked = self.inner.parked.notified();
-            tokio::pin!(parked);
-            // Registered before looking, so a connection parked in between is not missed.
-            parked.as_mut().enable();
-            if self.idle_count() >= n {
-                return;
-            }
-            parked.await;
-        }
+        super::limit::until(&self.inner.parked, || self.idle_count() >= n).await;
     }
 }
 
@@ -347,9 +333,7 @@ impl Inner {
     }
 
     fn end_h2_connect(&self) {
-        if let Ok(mut st) = self.state.lock() {
-            st.h2_connecting = false;
-        }
+        self.unclaim_h2();
         self.parked.notify_waiters();
     }
 
